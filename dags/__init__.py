@@ -1,0 +1,1 @@
+"""Airflow DAGs that run recap stages and kick off training; see issue 7."""

@@ -1,0 +1,1 @@
+"""recap data pipeline: ingest, split, filter, caption, encode, shard."""

@@ -1,0 +1,172 @@
+"""The `recap` command: parses arguments and calls one library function per subcommand.
+
+Heavy modules (Ray, PyAV, torch) are imported inside the handlers so `recap --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set split.detector=adaptive (repeatable)",
+    )
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def _stage_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recap", description="Turn raw video into re-captioned, latent-encoded training corpora."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run several stages in order (default: all that exist)")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--input", "-i", nargs="+", help="video files, directories, globs or fsspec URIs")
+    p.add_argument("--output", "-o", required=True, help="corpus directory or URI")
+    p.add_argument("--stages", type=_stage_list, help="comma-separated: ingest,split,filter,caption,encode")
+
+    p = sub.add_parser("ingest", help="find and probe input videos; write the videos table")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--input", "-i", nargs="+", required=True, help="video files, directories, globs or fsspec URIs")
+    p.add_argument("--output", "-o", required=True)
+
+    p = sub.add_parser("split", help="detect scenes in ingested videos; write the clips table")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--output", "-o", required=True, help="corpus written by `recap ingest`")
+
+    p = sub.add_parser("config", help="show the resolved config")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the config with every default filled in")
+    _add_config_args(show)
+
+    p = sub.add_parser("samples", help="generate short sample videos with known cuts")
+    p.add_argument("output_dir")
+
+    p = sub.add_parser("quickstart", help="generate sample videos (or take --input) and run the pipeline on them")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--input", "-i", nargs="+", help="your own videos instead of generated samples")
+    p.add_argument("--output", "-o", default="quickstart-out")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_summary(results: list[Any], output: str) -> None:
+    print(f"\nrecap finished: {output}")
+    for result in results:
+        print("  " + result.summary_line())
+    total_rejects = sum(sum(r.rejects_by_reason.values()) for r in results)
+    print(f"  rejects recorded: {total_rejects} (see {output.rstrip('/')}/manifest/rejects)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_pipeline
+
+    config = _load(args)
+    results = run_pipeline(config, args.output, inputs=args.input, stages=args.stages, address=args.address)
+    _print_summary(results, args.output)
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_pipeline
+
+    config = _load(args)
+    inputs = getattr(args, "input", None)
+    results = run_pipeline(config, args.output, inputs=inputs, stages=[args.command], address=args.address)
+    _print_summary(results, args.output)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from pipeline.samples import generate_samples
+
+    truth = generate_samples(args.output_dir)
+    for name, cuts in truth.items():
+        print(f"{args.output_dir.rstrip('/')}/{name}: cuts at frames {cuts}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.runner import run_pipeline
+    from pipeline.samples import generate_samples
+
+    config = _load(args)
+    inputs = args.input
+    if not inputs:
+        sample_dir = os.path.join(args.output, "samples")
+        generate_samples(sample_dir)
+        print(f"generated sample videos in {sample_dir}")
+        inputs = [sample_dir]
+    results = run_pipeline(config, args.output, inputs=inputs, address=args.address)
+    _print_summary(results, args.output)
+    print(f"  tables: {args.output.rstrip('/')}/manifest/{{videos,clips,rejects}} (Parquet)")
+    return 0
+
+
+_HANDLERS = {
+    "run": _cmd_run,
+    "ingest": _cmd_stage,
+    "split": _cmd_stage,
+    "config": _cmd_config,
+    "samples": _cmd_samples,
+    "quickstart": _cmd_quickstart,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.errors import StageInputError
+    from pipeline.io.sources import InputError
+
+    try:
+        return _HANDLERS[args.command](args)
+    except (ConfigError, InputError, StageInputError) as exc:
+        print(f"recap: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if "--stages" in str(exc) or "--input" in str(exc):
+            print(f"recap: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("recap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

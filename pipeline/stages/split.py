@@ -1,0 +1,211 @@
+"""Split stage: detect scenes in each video and turn them into clips by the clip policy.
+
+`plan_clips` is the pure policy (min/max length, trimming, chunking); `split_video` decodes
+one video and runs a detector (inside the isolated child); `SplitStage` is the batch
+transform the runner wires into Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from typing import Any
+
+import av
+import pyarrow as pa
+
+from pipeline.config import RecapConfig, SplitConfig
+from pipeline.scenes.detectors import Scene, build_detector
+from pipeline.schema import CLIPS_SCHEMA, RejectReason, make_clip_id
+from pipeline.stages.common import IsolatedStage
+from pipeline.video.decode import VideoRejected, iter_analysis_frames, open_video
+
+SPLIT_RESULT_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        ("num_frames", pa.int64()),
+        ("clips_json", pa.string()),
+    ]
+)
+
+
+def _chunk(start: int, end: int, max_frames: int | None) -> list[tuple[int, int]]:
+    """Cut [start, end) into the fewest equal chunks no longer than `max_frames`."""
+    length = end - start
+    if max_frames is None or length <= max_frames:
+        return [(start, end)]
+    parts = math.ceil(length / max_frames)
+    bounds = [start + round(i * length / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def plan_clips(
+    video_id: str,
+    scenes: list[Scene],
+    frame_times: list[float] | array,
+    end_time_s: float,
+    fps: float,
+    cfg: SplitConfig,
+    num_frames: int,
+) -> list[dict[str, Any]]:
+    """Clips (rows of the `clips` table, without source fields) from detected scenes.
+
+    Trimming removes `trim_frames` on each side of a detected cut (not at the video's ends);
+    scenes shorter than `min_clip_s` after trimming stay as rows rejected `too_short`;
+    longer than `max_clip_s` are cut into equal chunks that share the scene's index.
+    """
+
+    def time_at(frame: int) -> float:
+        return float(frame_times[frame]) if frame < num_frames else end_time_s
+
+    max_frames = None if cfg.max_clip_s is None else max(1, int(math.floor(cfg.max_clip_s * fps + 1e-6)))
+    clips: list[dict[str, Any]] = []
+    for scene_index, (scene_start, scene_end) in enumerate(scenes):
+        start = scene_start + (cfg.trim_frames if scene_start > 0 else 0)
+        end = scene_end - (cfg.trim_frames if scene_end < num_frames else 0)
+        if end <= start:  # trimmed away entirely: keep the scene visible as too_short
+            start, end = scene_start, scene_end
+            too_short = True
+        else:
+            too_short = (time_at(end) - time_at(start)) < cfg.min_clip_s - 1e-9
+        pieces = [(start, end)] if too_short else _chunk(start, end, max_frames)
+        for piece_start, piece_end in pieces:
+            start_s, end_s = time_at(piece_start), time_at(piece_end)
+            clips.append(
+                {
+                    "clip_id": make_clip_id(video_id, piece_start, piece_end),
+                    "video_id": video_id,
+                    "scene_index": scene_index,
+                    "scene_start_frame": scene_start,
+                    "scene_end_frame": scene_end,
+                    "start_frame": piece_start,
+                    "end_frame": piece_end,
+                    "start_s": start_s,
+                    "end_s": end_s,
+                    "duration_s": end_s - start_s,
+                    "passed": not too_short,
+                    "reject_reason": RejectReason.TOO_SHORT.value if too_short else None,
+                }
+            )
+    return clips
+
+
+def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
+    """Decode a video once and run the configured detector. Streams: memory is flat in length."""
+    with open_video(uri) as container:
+        if not container.streams.video:
+            raise VideoRejected(RejectReason.NO_VIDEO_STREAM, "no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 25.0
+        detector = build_detector(cfg, fps)
+        times = array("d")
+        width = height = None
+        count = 0
+        try:
+            for frame in iter_analysis_frames(container, cfg.analysis_width, cfg.decode_threads, detector.exact_size):
+                detector.feed(frame.index, frame.bgr)
+                times.append(frame.time_s)
+                count += 1
+            width, height = stream.codec_context.width, stream.codec_context.height
+        except av.error.FFmpegError as exc:
+            raise VideoRejected(RejectReason.DECODE_ERROR, f"decoder failed after {count} frames: {exc}") from None
+        if count == 0:
+            raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
+        scenes = detector.finish(count)
+    frame_step = (times[-1] - times[0]) / (count - 1) if count > 1 else 1.0 / fps
+    end_time = times[-1] + (frame_step if frame_step > 0 else 1.0 / fps)
+    return {
+        "fps": fps,
+        "num_frames": count,
+        "width": width,
+        "height": height,
+        "scenes": scenes,
+        "times": times,
+        "end_time_s": end_time,
+        "detector": detector.name,
+    }
+
+
+def split_video(
+    uri: str, video_id: str, cfg_dict: dict[str, Any], clips_dir: str | None, expected_frames: int | None = None
+) -> dict[str, Any]:
+    """One video to clip rows; runs in the isolated child. Bad videos raise VideoRejected.
+
+    `expected_frames` is the container's frame count when it states one: a decode that ends
+    well short of it means the file is truncated, and its clips would silently miss footage.
+    """
+    cfg = SplitConfig.model_validate(cfg_dict)
+    found = detect_scenes(uri, cfg)
+    if expected_frames:
+        missing = expected_frames - found["num_frames"]
+        if missing > max(2, cfg.max_missing_frames_frac * expected_frames):
+            raise VideoRejected(
+                RejectReason.TRUNCATED,
+                f"decoded {found['num_frames']} of the {expected_frames} frames the container lists",
+            )
+    clips = plan_clips(
+        video_id, found["scenes"], found["times"], found["end_time_s"], found["fps"], cfg, found["num_frames"]
+    )
+    for clip in clips:
+        clip.update(fps=found["fps"], width=found["width"], height=found["height"], detector=found["detector"])
+    if cfg.transcode.enabled and clips_dir is not None:
+        from pipeline.video.transcode import transcode_clips
+
+        wanted = [c for c in clips if c["passed"]]
+        written = transcode_clips(uri, wanted, clips_dir, cfg.transcode)
+        for clip in clips:
+            clip["clip_uri"] = written.get(clip["clip_id"])
+    return {"num_frames": found["num_frames"], "clips": clips}
+
+
+class SplitStage(IsolatedStage):
+    """Batch transform over `videos` rows (video_id, uri) -> one result row per video."""
+
+    name = "split"
+    input_columns = ("video_id", "uri")
+    output_schema = SPLIT_RESULT_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any], clips_dir: str | None = None):
+        super().__init__(config)
+        self.clips_dir = clips_dir
+        self._split_cfg = self.config.split.model_dump(mode="json")
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        video_id, uri = row["video_id"], row["uri"]
+        out: dict[str, Any] = {
+            "video_id": video_id,
+            "uri": uri,
+            "status": "ok",
+            "num_frames": None,
+            "clips_json": "[]",
+        }
+        expected = row.get("num_frames") if row.get("num_frames_exact") else None
+        outcome = self.run_isolated(
+            "pipeline.stages.split:split_video", uri, video_id, self._split_cfg, self.clips_dir, expected
+        )
+        rejected = self.reject_of(outcome)
+        if rejected is None:
+            clips = outcome.result["clips"]
+            for clip in clips:
+                clip["uri"] = uri
+            out["num_frames"] = outcome.result["num_frames"]
+            out["clips_json"] = json.dumps(clips)
+        else:
+            out.update(status="rejected", reject_reason=rejected[0], reject_detail=rejected[1])
+        return out
+
+
+def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for text in results.column("clips_json").to_pylist():
+        rows.extend(json.loads(text or "[]"))
+    return rows
+
+
+CLIP_COLUMNS = tuple(CLIPS_SCHEMA.names)

@@ -1,0 +1,228 @@
+"""Open videos from any fsspec URI with PyAV, probe them, and stream small frames for analysis.
+
+Decoding streams frame by frame: memory does not grow with the video's length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from pipeline.io.sources import open_binary
+from pipeline.schema import RejectReason
+from pipeline.video.isolation import heartbeat
+
+_HASH_CHUNK = 8 << 20
+
+
+class VideoRejected(Exception):
+    """A video that cannot be used, with its stable reason code."""
+
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@contextlib.contextmanager
+def open_video(uri: str) -> Iterator[Any]:
+    """An open PyAV container for a local path or any fsspec URI."""
+    with open_binary(uri) as fh:
+        try:
+            container = av.open(fh, mode="r", metadata_errors="ignore")
+        except (av.error.FFmpegError, OSError) as exc:
+            # PyAV reports some unparseable inputs as OSError from its I/O callbacks.
+            kind = _container_magic(uri)
+            if kind is not None:
+                raise VideoRejected(
+                    RejectReason.TRUNCATED,
+                    f"{kind} header found but FFmpeg cannot open it (truncated or damaged): {exc}",
+                ) from None
+            raise VideoRejected(RejectReason.NOT_A_VIDEO, f"FFmpeg cannot open it: {exc}") from None
+        try:
+            yield container
+        finally:
+            container.close()
+
+
+def _container_magic(uri: str) -> str | None:
+    """The container a file's first bytes announce (MP4/MOV, Matroska/WebM, AVI), if any."""
+    try:
+        with open_binary(uri) as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "MP4/MOV"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "Matroska/WebM"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    return None
+
+
+def sha256_of(uri: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open_binary(uri) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            heartbeat()
+    return digest.hexdigest(), size
+
+
+def _rate(stream: Any) -> Fraction | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return Fraction(rate)
+    return None
+
+
+def probe_video(uri: str, min_frames: int = 2) -> dict[str, Any]:
+    """Probe one file with PyAV: stream facts for the `videos` row. Raises VideoRejected.
+
+    Runs inside the isolated child: a crashing demuxer takes only the child down.
+    """
+    try:
+        return _probe_container(uri, min_frames)
+    except av.error.FFmpegError as exc:
+        raise VideoRejected(RejectReason.DECODE_ERROR, str(exc)) from None
+
+
+def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
+    with open_video(uri) as container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoRejected(RejectReason.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        info: dict[str, Any] = {
+            "container": container.format.name,
+            "codec": ctx.name,
+            "width": ctx.width,
+            "height": ctx.height,
+            "pix_fmt": ctx.format.name if ctx.format is not None else None,
+            "has_audio": bool(container.streams.audio),
+        }
+        rate = _rate(stream)
+        info["fps"] = float(rate) if rate else None
+        # Count packets when the header gives no frame count (WebM, streams without an index).
+        num_frames = stream.frames
+        exact = num_frames > 0
+        first_pts = None
+        last_pts = None
+        if num_frames <= 0:
+            num_frames = 0
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                num_frames += 1
+                if packet.pts is not None:
+                    first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+                    last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
+                if num_frames % 256 == 0:
+                    heartbeat()
+            container.seek(0)
+        # Decode the first frame: catches files whose headers parse but whose data does not.
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError as exc:
+            raise VideoRejected(RejectReason.DECODE_ERROR, f"first frame does not decode: {exc}") from None
+        if first is None:
+            raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
+        info["width"] = info["width"] or first.width
+        info["height"] = info["height"] or first.height
+        tb = stream.time_base
+        start_s = float(first.pts * tb) if first.pts is not None and tb else 0.0
+        info["start_s"] = start_s
+        duration_s = None
+        if stream.duration and tb:
+            duration_s = float(stream.duration * tb)
+        elif last_pts is not None and tb and rate:
+            duration_s = float((last_pts - (first_pts or 0)) * tb + 1 / rate)
+        elif container.duration:
+            duration_s = container.duration / av.time_base
+        elif rate and num_frames:
+            duration_s = num_frames / float(rate)
+        info["duration_s"] = duration_s
+        info["num_frames"] = num_frames
+        info["num_frames_exact"] = exact
+        if num_frames < min_frames:
+            raise VideoRejected(RejectReason.TOO_FEW_FRAMES, f"{num_frames} frame(s); at least {min_frames} needed")
+        return info
+
+
+@dataclass
+class AnalysisFrame:
+    index: int  # decode order, from 0
+    time_s: float  # presentation time in seconds
+    bgr: np.ndarray  # small BGR image for detectors
+
+
+def _small_bgr_from_yuv420(frame: Any, step: int) -> np.ndarray:
+    """Subsample the Y/U/V planes directly: several times cheaper than a full swscale pass."""
+    w, h = frame.width, frame.height
+    planes = frame.planes
+    y = np.frombuffer(planes[0], np.uint8).reshape(-1, planes[0].line_size)[:h, :w]
+    u = np.frombuffer(planes[1], np.uint8).reshape(-1, planes[1].line_size)[: (h + 1) // 2, : (w + 1) // 2]
+    v = np.frombuffer(planes[2], np.uint8).reshape(-1, planes[2].line_size)[: (h + 1) // 2, : (w + 1) // 2]
+    ys = y[::step, ::step]
+    sh, sw = (ys.shape[0] // 2) * 2, (ys.shape[1] // 2) * 2
+    i420 = np.empty((sh * 3 // 2, sw), np.uint8)
+    i420[:sh] = ys[:sh, :sw]
+    quarter = (sh // 2) * (sw // 2)
+    flat = i420[sh:].reshape(-1)
+    flat[:quarter] = u[::step, ::step][: sh // 2, : sw // 2].reshape(-1)
+    flat[quarter:] = v[::step, ::step][: sh // 2, : sw // 2].reshape(-1)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420)
+
+
+_FAST_FORMATS = {"yuv420p", "yuvj420p"}
+
+
+def iter_analysis_frames(
+    container: Any, analysis_width: int = 256, decode_threads: int = 1, exact_size: tuple[int, int] | None = None
+) -> Iterator[AnalysisFrame]:
+    """Decode every frame of the first video stream, yielding small BGR images.
+
+    Frames are numbered in decode (presentation) order from 0, which is the numbering of the
+    `clips` table. `exact_size` (w, h) forces a resize (TransNetV2 wants 48x27).
+    """
+    stream = container.streams.video[0]
+    stream.thread_count = decode_threads
+    tb = stream.time_base
+    rate = _rate(stream) or Fraction(25)
+    last_time = None
+    for index, frame in enumerate(container.decode(stream)):
+        if frame.pts is not None and tb:
+            time_s = float(frame.pts * tb)
+        elif last_time is not None:
+            time_s = last_time + 1 / float(rate)
+        else:
+            time_s = 0.0
+        last_time = time_s
+        if exact_size is not None:
+            image = frame.to_ndarray(width=exact_size[0], height=exact_size[1], format="rgb24", interpolation="AREA")
+        else:
+            step = max(1, -(-frame.width // analysis_width))  # ceil: never wider than analysis_width
+            if frame.format.name in _FAST_FORMATS and frame.width >= 2 and frame.height >= 2:
+                image = _small_bgr_from_yuv420(frame, step)
+            else:
+                image = frame.to_ndarray(
+                    width=max(2, frame.width // step),
+                    height=max(2, frame.height // step),
+                    format="bgr24",
+                    interpolation="FAST_BILINEAR",
+                )
+        yield AnalysisFrame(index, time_s, image)
+        if index % 32 == 31:
+            heartbeat()

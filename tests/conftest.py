@@ -1,0 +1,112 @@
+"""Session fixtures: the shared real videos, one Ray instance, tiny generated and bad videos.
+
+Everything expensive is built once per session. `../shared` (or $RECAP_SHARED) holds the real
+videos; tests that need it skip when it is absent, unless RECAP_REQUIRE_SHARED=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path | None:
+    env = os.environ.get("RECAP_SHARED")
+    path = Path(env) if env else PROJECT_ROOT.parent / "shared"
+    return path if (path / "data" / "videos").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = _shared_dir()
+    if path is None:
+        if os.environ.get("RECAP_REQUIRE_SHARED") == "1":
+            pytest.fail("RECAP_REQUIRE_SHARED=1 but the shared dir is missing (set RECAP_SHARED or put ../shared)")
+        pytest.skip("shared test data not found (set RECAP_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def videos_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "videos"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session; the runner reuses it."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> tuple[Path, dict[str, list[int]]]:
+    from pipeline.samples import generate_samples
+
+    root = tmp_path_factory.mktemp("samples")
+    truth = generate_samples(str(root))
+    return root, truth
+
+
+def _write_audio_only(path: Path) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 44100
+            frame.pts = i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory, sample_videos) -> tuple[Path, dict[str, str | None]]:
+    """A directory of broken inputs beside good ones; maps file name -> expected reject reason."""
+    from pipeline.samples import write_sample
+
+    root = tmp_path_factory.mktemp("bad_corpus")
+    sample_root, _truth = sample_videos
+    good = (sample_root / "sample-three-shots.mp4").read_bytes()
+    expected: dict[str, str | None] = {}
+
+    (root / "empty.mp4").write_bytes(b"")
+    expected["empty.mp4"] = "empty_file"
+    (root / "notes.mp4").write_text("these are my notes, not a video\n" * 40)
+    expected["notes.mp4"] = "not_a_video"
+    (root / "truncated.mp4").write_bytes(good[: len(good) // 2])  # moov atom at the end is cut off
+    expected["truncated.mp4"] = "truncated"
+    _write_audio_only(root / "audio_only.mp4")
+    expected["audio_only.mp4"] = "no_video_stream"
+    write_sample(str(root / "one_frame.mp4"), [(1, (20, 20, 200))])
+    expected["one_frame.mp4"] = "too_few_frames"
+    # Garbage over the middle of an H.264 stream: the decoder fails part-way through.
+    corrupt = bytearray(good)
+    mid = len(corrupt) // 2
+    for i in range(mid, min(len(corrupt) - 4096, mid + len(corrupt) // 5)):
+        corrupt[i] = (i * 7) & 0xFF
+    (root / "corrupt_middle.mp4").write_bytes(bytes(corrupt))
+    expected["corrupt_middle.mp4"] = "decode_error"
+    # Good files: processed normally; a byte-identical copy is a duplicate.
+    (root / "good.mp4").write_bytes(good)
+    expected["good.mp4"] = None
+    (root / "nested").mkdir()
+    (root / "nested" / "good_copy.mp4").write_bytes(good)
+    expected["nested/good_copy.mp4"] = "duplicate_file"
+    write_sample(str(root / "nested" / "other.mp4"), [(60, (200, 40, 40)), (60, (40, 40, 200))])
+    expected["nested/other.mp4"] = None
+    (root / "readme.txt").write_text("not picked up: wrong extension")
+    return root, expected

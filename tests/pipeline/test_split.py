@@ -1,0 +1,71 @@
+"""The clip policy (pure) and whole-video splitting on generated videos with known cuts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import SplitConfig
+from pipeline.stages.split import plan_clips, split_video
+
+
+def _times(n: int, fps: float = 10.0) -> list[float]:
+    return [i / fps for i in range(n)]
+
+
+def test_min_length_keeps_short_scenes_as_rejected_rows():
+    cfg = SplitConfig(min_clip_s=2.0, max_clip_s=None)
+    clips = plan_clips("v" * 16, [(0, 15), (15, 50)], _times(50), 5.0, 10.0, cfg, 50)
+    assert [(c["start_frame"], c["end_frame"], c["passed"], c["reject_reason"]) for c in clips] == [
+        (0, 15, False, "too_short"),
+        (15, 50, True, None),
+    ]
+    assert clips[1]["clip_id"] == "vvvvvvvvvvvvvvvv-0000015-0000050"
+    assert clips[1]["start_s"] == pytest.approx(1.5) and clips[1]["end_s"] == pytest.approx(5.0)
+
+
+def test_long_scene_is_cut_into_equal_chunks_sharing_the_scene():
+    cfg = SplitConfig(min_clip_s=1.0, max_clip_s=4.0)
+    clips = plan_clips("a" * 16, [(0, 10), (10, 105)], _times(105), 10.5, 10.0, cfg, 105)
+    chunks = [c for c in clips if c["scene_index"] == 1]
+    assert [(c["start_frame"], c["end_frame"]) for c in chunks] == [(10, 42), (42, 73), (73, 105)]
+    assert all(c["scene_start_frame"] == 10 and c["scene_end_frame"] == 105 for c in chunks)
+    assert all(c["end_frame"] - c["start_frame"] <= 40 for c in chunks)
+    # Chunks tile the scene: no frame lost or doubled.
+    assert sum(c["end_frame"] - c["start_frame"] for c in chunks) == 95
+
+
+def test_trimming_removes_frames_at_cuts_only():
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=None, trim_frames=3)
+    clips = plan_clips("b" * 16, [(0, 40), (40, 80)], _times(80), 8.0, 10.0, cfg, 80)
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 37), (43, 80)]
+    assert clips[0]["scene_end_frame"] == 40 and clips[1]["scene_start_frame"] == 40
+
+
+def test_config_rejects_max_below_min():
+    with pytest.raises(ValueError, match="max_clip_s"):
+        SplitConfig(min_clip_s=5, max_clip_s=2)
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_generated_samples_split_exactly_at_their_cuts(sample_videos, detector):
+    root, truth = sample_videos
+    cfg = SplitConfig(detector=detector, min_clip_s=0.4, max_clip_s=None).model_dump()
+    for name, cuts in truth.items():
+        out = split_video(str(root / name), "0123456789abcdef", cfg, None)
+        starts = sorted({c["scene_start_frame"] for c in out["clips"]})[1:]
+        assert starts == cuts, (name, starts)
+        assert out["clips"][-1]["end_frame"] == out["num_frames"]
+
+
+def test_transcoded_clips_have_exactly_the_clip_frames(sample_videos, tmp_path):
+    import av
+
+    root, truth = sample_videos
+    cfg = SplitConfig(min_clip_s=0.4, max_clip_s=None, transcode={"enabled": True}).model_dump()
+    out = split_video(str(root / "sample-three-shots.mp4"), "0123456789abcdef", cfg, str(tmp_path))
+    assert len(out["clips"]) == 3
+    for clip in out["clips"]:
+        with av.open(clip["clip_uri"]) as container:
+            n = sum(1 for _ in container.decode(video=0))
+        assert n == clip["end_frame"] - clip["start_frame"]
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".mp4")]
