@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.add_argument("--output", "-o", required=True, help="corpus written by `recap ingest`")
 
+    p = sub.add_parser("filter", help="score clips, remove near-duplicates, decide pass/reject")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--output", "-o", required=True, help="corpus written by `recap split`")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print how many clips each threshold would reject; write nothing (re-uses stored scores)",
+    )
+
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config with every default filled in")
@@ -104,6 +114,27 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_pipeline
+
+    config = _load(args)
+    results = run_pipeline(config, args.output, stages=["filter"], address=args.address, dry_run=args.dry_run)
+    if not args.dry_run:
+        _print_summary(results, args.output)
+        return 0
+    result = results[0]
+    considered = result.counts["considered"]
+    print(f"\nfilter --dry-run on {args.output}: {result.counts['clips']} clips, {considered} not already rejected")
+    print(f"  {'reason':<18} {'would reject':>12} {'share':>7}")
+    for reason, count in sorted(result.rejects_by_reason.items(), key=lambda kv: -kv[1]):
+        share = 100 * count / considered if considered else 0.0
+        print(f"  {reason:<18} {count:>12} {share:6.1f}%")
+    if not result.rejects_by_reason:
+        print("  (no threshold rejects anything)")
+    print("  nothing written")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -141,6 +172,7 @@ _HANDLERS = {
     "run": _cmd_run,
     "ingest": _cmd_stage,
     "split": _cmd_stage,
+    "filter": _cmd_filter,
     "config": _cmd_config,
     "samples": _cmd_samples,
     "quickstart": _cmd_quickstart,

@@ -124,6 +124,84 @@ class SplitConfig(_Section):
         return self
 
 
+class Threshold(_Section):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Threshold:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+def _default_thresholds() -> dict[str, Threshold]:
+    return {
+        "motion": Threshold(min=0.5),  # percent of frame width per second
+        "frozen": Threshold(max=0.5),
+        "sharpness": Threshold(min=20.0),  # variance of the Laplacian at the analysis width
+        "brightness": Threshold(min=25.0, max=235.0),  # mean luma 0-255
+        "black": Threshold(max=0.5),
+        "text": Threshold(max=0.15),  # share of the frame in text-like lines
+    }
+
+
+class ClipModelConfig(_Section):
+    """Optional CLIP scorer: embedding, aesthetic head, zero-shot safety. Off when `model` is null."""
+
+    model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
+    model_config_path: str | None = Field(None, description="JSON model config to register (custom architectures)")
+    aesthetic_head: str | None = Field(None, description="linear/MLP head file (.pt state dict or .npz)")
+    safety: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=16))
+
+
+class DedupConfig(_Section):
+    enabled: bool = True
+    max_hamming: float = Field(10.0, ge=0, le=32, description="mean pHash bits apart to count as duplicates")
+    against: list[str] = Field(default_factory=list, description="earlier corpora (output dirs) to dedupe against")
+
+
+class FilterConfig(_Section):
+    frames_per_clip: int = Field(8, ge=1, le=64, description="frames sampled evenly from each clip")
+    analysis_width: int = Field(320, ge=32, description="frames are scored at this width")
+    flow_width: int = Field(160, ge=32, description="optical flow runs at this width")
+    motion_gap_s: float = Field(0.1, gt=0, description="optical flow between frames this far apart")
+    thresholds: dict[str, Threshold] = Field(default_factory=_default_thresholds)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    clip: ClipModelConfig = Field(default_factory=ClipModelConfig)
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value: Any) -> Any:
+        # Setting one threshold keeps the others' defaults; `name: null` switches one off.
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_thresholds().items()}
+        for name, limit in value.items():
+            if limit is None:
+                merged.pop(name, None)
+            elif isinstance(limit, dict) and isinstance(merged.get(name), dict):
+                merged[name] = {**merged[name], **limit}
+            else:
+                merged[name] = limit
+        return merged
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_scores(cls, value: dict[str, Threshold]) -> dict[str, Threshold]:
+        from pipeline.schema import SCORE_REJECT_REASONS
+
+        unknown = sorted(set(value) - set(SCORE_REJECT_REASONS))
+        if unknown:
+            raise ValueError(f"unknown score(s) {unknown}; allowed: {', '.join(SCORE_REJECT_REASONS)}")
+        return value
+
+
 class RecapConfig(_Section):
     """The whole run: one section per stage plus Ray and isolation settings."""
 
@@ -131,6 +209,7 @@ class RecapConfig(_Section):
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

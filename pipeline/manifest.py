@@ -38,9 +38,9 @@ def run_json_path(out: str) -> str:
 class TableWriter:
     """Streams rows of one table into `{prefix}-NNNNN.parquet` parts of at most `part_rows` rows."""
 
-    def __init__(self, out: str, name: str, prefix: str, part_rows: int = PART_ROWS):
+    def __init__(self, out: str, name: str, prefix: str, part_rows: int = PART_ROWS, schema: pa.Schema | None = None):
         self.name = name
-        self.schema = SCHEMAS[name]
+        self.schema = schema if schema is not None else SCHEMAS[name]
         self.prefix = prefix
         self.part_rows = part_rows
         self.fs, self.dir = _fs(table_dir(out, name))
@@ -91,13 +91,32 @@ def clear_parts(out: str, name: str, prefix: str | None = None) -> None:
             fs.rm(entry)
 
 
-def write_table(out: str, name: str, table: pa.Table, prefix: str) -> int:
+def write_table(out: str, name: str, table: pa.Table, prefix: str, schema: pa.Schema | None = None) -> int:
     """Replace the parts of `name` that carry `prefix` with `table`."""
     clear_parts(out, name, prefix)
-    writer = TableWriter(out, name, prefix)
+    writer = TableWriter(out, name, prefix, schema=schema)
     writer.write(table)
     writer.close()
     return writer.rows_written
+
+
+def table_path(out: str, name: str) -> str:
+    return table_dir(out, name)
+
+
+def table_columns(out: str, name: str) -> list[str]:
+    """Column names of a table as written (a stage may have added columns to it)."""
+    if not table_exists(out, name):
+        return list(SCHEMAS[name].names) if name in SCHEMAS else []
+    fs, path = _fs(table_dir(out, name))
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=[".", "_"])
+    return list(dataset.schema.names)
+
+
+def remove_table(out: str, name: str) -> None:
+    fs, path = _fs(table_dir(out, name))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def table_exists(out: str, name: str) -> bool:

@@ -28,7 +28,7 @@ from pipeline.stages.split import SPLIT_RESULT_SCHEMA, SplitStage, clip_rows_fro
 log = logging.getLogger("recap")
 
 STAGE_ORDER = ("ingest", "split", "filter", "caption", "encode")
-AVAILABLE_STAGES = ("ingest", "split")
+AVAILABLE_STAGES = ("ingest", "split", "filter")
 
 
 @dataclass
@@ -272,8 +272,9 @@ def run_pipeline(
     inputs: list[str] | None = None,
     stages: list[str] | None = None,
     address: str | None = None,
+    dry_run: bool = False,
 ) -> list[StageResult]:
-    """Run the chosen stages in order on Ray and return what each did."""
+    """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing)."""
     chosen = resolve_stages(stages)
     uris: list[str] | None = None
     if "ingest" in chosen:
@@ -282,6 +283,8 @@ def run_pipeline(
         uris = discover_inputs(inputs, config.ingest.extensions)  # fail on a bad input before Ray starts
     elif "split" in chosen and not manifest.table_exists(output, "videos"):
         raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
+    elif chosen[0] == "filter" and not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
     results: list[StageResult] = []
     with RaySession(config, address):
         for stage in chosen:
@@ -289,4 +292,322 @@ def run_pipeline(
                 results.append(run_ingest(config, list(inputs or []), output, uris))
             elif stage == "split":
                 results.append(run_split(config, output))
+            elif stage == "filter":
+                results.append(run_filter(config, output, dry_run=dry_run))
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# filter
+
+SCRATCH_SCORED = "_filter_scored"  # scores before decisions; ignored by readers (leading "_")
+PREVIOUS_PREFIX = "previous:"  # marks a clip of an earlier corpus in near_duplicate_of
+
+
+def _videos_with_clips(output: str) -> pa.Table:
+    """One row per video with its clips as JSON: the filter decodes each video once."""
+    import json
+
+    from pipeline.schema import CLIPS_SCHEMA
+    from pipeline.stages.filter import upstream_reason
+
+    refilter = "filter_reasons" in manifest.table_columns(output, "clips")
+    columns = list(CLIPS_SCHEMA.names) + (["filter_reasons"] if refilter else [])
+    clips = manifest.read_table(output, "clips", columns=columns)
+    by_video: dict[str, dict[str, Any]] = {}
+    for row in clips.to_pylist():
+        if refilter:  # filtered before: undo that run's decisions, keep earlier stages' (too_short)
+            row["reject_reason"] = upstream_reason(row)
+            row["passed"] = row["reject_reason"] is None
+            del row["filter_reasons"]
+        entry = by_video.setdefault(
+            row["video_id"], {"video_id": row["video_id"], "uri": row["uri"], "fps": row["fps"], "clips": []}
+        )
+        entry["clips"].append(row)
+    rows = sorted(by_video.values(), key=lambda e: -sum(c["end_frame"] - c["start_frame"] for c in e["clips"]))
+    return pa.table(
+        {
+            "video_id": [e["video_id"] for e in rows],
+            "uri": [e["uri"] for e in rows],
+            "fps": pa.array([e["fps"] for e in rows], pa.float64()),
+            "clips_json": [json.dumps(e["clips"]) for e in rows],
+            "num_clips": [len(e["clips"]) for e in rows],
+        }
+    )
+
+
+def score_clips(config: RecapConfig, output: str, scratch_out: str) -> dict[str, int]:
+    """Score every clip on Ray into the scratch table under `scratch_out`; returns counts."""
+    import ray.data
+
+    from pipeline.schema import FILTERED_CLIPS_SCHEMA
+    from pipeline.stages.filter import ClipModelStage, FilterScoreStage
+
+    videos = _videos_with_clips(output)
+    total_clips = sum(videos.column("num_clips").to_pylist())
+    manifest.remove_table(scratch_out, SCRATCH_SCORED)
+    writer = manifest.TableWriter(scratch_out, SCRATCH_SCORED, prefix="scored", schema=FILTERED_CLIPS_SCHEMA)
+    progress = _progress(config, "filter", total_clips, "clips")
+    if videos.num_rows:
+        ds = ray.data.from_arrow(videos.drop_columns(["num_clips"]), override_num_blocks=min(videos.num_rows, 1000))
+        ds = _map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
+        if config.filter.clip.model:
+            ds = _map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if "frames_jpeg" in batch.column_names:
+                batch = batch.drop_columns(["frames_jpeg"])
+            writer.write(batch)
+            progress.update(batch.num_rows)
+    writer.close()
+    progress.close()
+    return {"clips": total_clips}
+
+
+def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> pa.Table:
+    """Clips that pass every other check, one row per LSH band key of their frame hashes."""
+    from pipeline.scoring.dedup import band_keys
+    from pipeline.stages.filter import decide, scoring_failures, upstream_reason
+
+    out: dict[str, list] = {
+        k: [] for k in ("band", "clip_id", "phashes", "previous", "aesthetic", "duration", "sharpness")
+    }
+    for row in batch.to_pylist():
+        if not row.get("phashes"):
+            continue
+        if not previous and (upstream_reason(row) or scoring_failures(row) or decide(row, thresholds)):
+            continue
+        if previous and row.get("passed") is False:
+            continue
+        for key in band_keys(row["phashes"]):
+            out["band"].append(key)
+            # Clips of earlier corpora get their own node ids: the same file crawled again has the same clip_id.
+            out["clip_id"].append(PREVIOUS_PREFIX + row["clip_id"] if previous else row["clip_id"])
+            out["phashes"].append(row["phashes"])
+            out["previous"].append(previous)
+            out["aesthetic"].append(row.get("score_aesthetic"))
+            out["duration"].append(row.get("duration_s"))
+            out["sharpness"].append(row.get("score_sharpness"))
+    return pa.table(
+        out,
+        schema=pa.schema(
+            [
+                ("band", pa.string()),
+                ("clip_id", pa.string()),
+                ("phashes", pa.list_(pa.int64())),
+                ("previous", pa.bool_()),
+                ("aesthetic", pa.float64()),
+                ("duration", pa.float64()),
+                ("sharpness", pa.float64()),
+            ]
+        ),
+    )
+
+
+_EDGE_SCHEMA = pa.schema(
+    [("a", pa.string()), ("b", pa.string()), ("distance", pa.float64()), ("info_json", pa.string())]
+)
+
+
+def _group_edges(group: pa.Table, max_hamming: float) -> pa.Table:
+    import json
+
+    from pipeline.scoring.dedup import duplicate_edges
+
+    rows = {r["clip_id"]: r for r in group.to_pylist()}.values()  # a clip may repeat within a band
+    members = list(rows)
+    if len(members) < 2:
+        return _EDGE_SCHEMA.empty_table()
+    # Identical hash lists are duplicates outright: chain them, then compare one of each.
+    by_hashes: dict[tuple, list[dict]] = {}
+    for m in members:
+        by_hashes.setdefault(tuple(m["phashes"]), []).append(m)
+    edges = []
+    for same in by_hashes.values():
+        edges += [
+            (x["clip_id"], y["clip_id"], 0.0)
+            for x, y in zip(same[:-1], same[1:], strict=True)
+            if not (x["previous"] and y["previous"])
+        ]
+    edges += duplicate_edges([same[0] for same in by_hashes.values()], max_hamming)
+    info = {
+        m["clip_id"]: {
+            "previous": m["previous"],
+            "score_aesthetic": m["aesthetic"],
+            "duration_s": m["duration"],
+            "score_sharpness": m["sharpness"],
+        }
+        for m in members
+    }
+    return pa.table(
+        {
+            "a": [e[0] for e in edges],
+            "b": [e[1] for e in edges],
+            "distance": [e[2] for e in edges],
+            "info_json": [json.dumps({e[0]: info[e[0]], e[1]: info[e[1]]}) for e in edges],
+        },
+        schema=_EDGE_SCHEMA,
+    )
+
+
+def find_near_duplicates(config: RecapConfig, scored_paths: list[str], previous_paths: list[str]) -> dict[str, str]:
+    """{dropped clip_id: kept clip_id} across the corpus (and earlier corpora) via Ray Data groupby."""
+    import json
+
+    import ray.data
+
+    from pipeline.scoring.dedup import resolve_duplicates
+
+    cfg = config.filter
+    thresholds = {k: v.model_dump() for k, v in cfg.thresholds.items()}
+    parts = []
+    for paths, previous in ((scored_paths, False), (previous_paths, True)):
+        for path in paths:
+            ds = ray.data.read_parquet(path, file_extensions=["parquet"])
+            parts.append(
+                ds.map_batches(
+                    _band_rows, batch_format="pyarrow", fn_kwargs={"thresholds": thresholds, "previous": previous}
+                )
+            )
+    if not parts:
+        return {}
+    bands = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    edges_ds = bands.groupby("band").map_groups(
+        _group_edges, batch_format="pyarrow", fn_kwargs={"max_hamming": cfg.dedup.max_hamming}
+    )
+    edges, info = [], {}
+    for batch in edges_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            edges.append((row["a"], row["b"], row["distance"]))
+            info.update(json.loads(row["info_json"]))
+    return resolve_duplicates(edges, info)
+
+
+def _filter_decisions(row: dict[str, Any], thresholds: dict[str, Any], dropped: dict[str, str]) -> dict[str, Any]:
+    from pipeline.schema import RejectReason
+    from pipeline.stages.filter import decide, scoring_failures, upstream_reason
+
+    upstream = upstream_reason(row)
+    reasons = scoring_failures(row)
+    reasons += [r for r in decide(row, thresholds) if r not in reasons]
+    if row["clip_id"] in dropped:
+        reasons.append(RejectReason.NEAR_DUPLICATE.value)
+        row["near_duplicate_of"] = dropped[row["clip_id"]]
+    row["filter_reasons"] = reasons
+    if upstream:  # rejected by an earlier stage (too_short): that reason stays first
+        row["passed"] = False
+        row["reject_reason"] = upstream
+    else:
+        row["passed"] = not reasons
+        row["reject_reason"] = reasons[0] if reasons else None
+    return row
+
+
+def _previous_corpora(config: RecapConfig) -> list[str]:
+    paths = []
+    for corpus in config.filter.dedup.against:
+        if not manifest.table_exists(corpus, "clips"):
+            raise StageInputError(f"filter.dedup.against: {corpus!r} has no clips table")
+        if "phashes" not in manifest.table_columns(corpus, "clips"):
+            raise StageInputError(f"filter.dedup.against: {corpus!r} was not filtered (no phashes column)")
+        paths.append(manifest.table_path(corpus, "clips"))
+    return paths
+
+
+def filter_counts(scored: list[dict[str, Any]], config: RecapConfig, dropped: dict[str, str]) -> dict[str, int]:
+    """Clips each threshold would reject (a clip failing two thresholds counts under both)."""
+    from pipeline.stages.filter import decide, scoring_failures, upstream_reason
+
+    thresholds = {k: v.model_dump() for k, v in config.filter.thresholds.items()}
+    counts: dict[str, int] = {}
+    for row in scored:
+        if upstream_reason(row):
+            continue
+        for reason in scoring_failures(row) + decide(row, thresholds):
+            counts[reason] = counts.get(reason, 0) + 1
+        if row["clip_id"] in dropped:
+            counts["near_duplicate"] = counts.get("near_duplicate", 0) + 1
+    return counts
+
+
+def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> StageResult:
+    """Score clips, dedupe across the corpus, decide; write `clips` with scores and filter rejects."""
+    import shutil
+    import tempfile
+
+    from pipeline.schema import FILTERED_CLIPS_SCHEMA
+    from pipeline.stages.filter import upstream_reason
+
+    start = time.monotonic()
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
+    previous = _previous_corpora(config)
+    thresholds = {k: v.model_dump() for k, v in config.filter.thresholds.items()}
+    scratch_out = tempfile.mkdtemp(prefix="recap-filter-dry-") if dry_run else output
+    try:
+        if dry_run and "phashes" in manifest.table_columns(output, "clips"):
+            # Already scored: re-decide from the stored scores in seconds, nothing decoded.
+            scored_paths = [manifest.table_path(output, "clips")]
+        else:
+            score_clips(config, output, scratch_out)
+            scored_paths = [manifest.table_path(scratch_out, SCRATCH_SCORED)]
+        dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
+        if dry_run:
+            import pyarrow.dataset as pads
+
+            rows = pads.dataset(scored_paths[0], format="parquet", ignore_prefixes=[".", "_"]).to_table().to_pylist()
+            counts = filter_counts(rows, config, dropped)
+            considered = sum(not upstream_reason(r) for r in rows)
+            return StageResult(
+                "filter (dry run)",
+                time.monotonic() - start,
+                counts={"clips": len(rows), "considered": considered},
+                rejects_by_reason=counts,
+            )
+        scored = (
+            manifest.read_table(output, SCRATCH_SCORED)
+            if manifest.table_exists(output, SCRATCH_SCORED)
+            else (FILTERED_CLIPS_SCHEMA.empty_table())
+        )
+        manifest.clear_parts(output, "clips")
+        writer = manifest.TableWriter(output, "clips", prefix="filter", schema=FILTERED_CLIPS_SCHEMA)
+        reject_rows: list[dict[str, Any]] = []
+        passed = 0
+        for batch in scored.to_batches(max_chunksize=10_000):
+            rows = [_filter_decisions(r, thresholds, dropped) for r in batch.to_pylist()]
+            writer.write_rows(rows)
+            for r in rows:
+                passed += bool(r["passed"])
+                if r["filter_reasons"] and r["reject_reason"] in r["filter_reasons"]:
+                    detail = r.get("filter_detail") or ", ".join(r["filter_reasons"])
+                    if r.get("near_duplicate_of") and r["reject_reason"] == "near_duplicate":
+                        detail = f"near duplicate of {r['near_duplicate_of']}"
+                    reject_rows.append(
+                        {
+                            "stage": "filter",
+                            "item_id": r["clip_id"],
+                            "uri": r["uri"],
+                            "reason": r["reject_reason"],
+                            "detail": detail,
+                        }
+                    )
+        writer.close()
+        manifest.write_table(
+            output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="filter"
+        )
+        manifest.remove_table(output, SCRATCH_SCORED)
+    finally:
+        if dry_run:
+            shutil.rmtree(scratch_out, ignore_errors=True)
+    result = StageResult(
+        "filter",
+        time.monotonic() - start,
+        counts={
+            "clips": scored.num_rows,
+            "passed": passed,
+            "rejected": len(reject_rows),
+            "near_duplicates": len(dropped),
+        },
+        rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
+    )
+    manifest.update_run_json(output, config.to_dict(), "filter", {"seconds": result.seconds, "counts": result.counts})
+    return result

@@ -27,6 +27,41 @@ class RejectReason(enum.StrEnum):
     DUPLICATE_FILE = "duplicate_file"  # same bytes as another input file
     TOO_SHORT = "too_short"  # a scene shorter than split.min_clip_s
     TRANSCODE_ERROR = "transcode_error"
+    # filter stage: one code per failed threshold (see SCORE_REJECT_REASONS)
+    LOW_MOTION = "low_motion"
+    HIGH_MOTION = "high_motion"
+    FROZEN_FRAMES = "frozen_frames"
+    CUT_INSIDE = "cut_inside"
+    BLURRY = "blurry"
+    TOO_DARK = "too_dark"
+    TOO_BRIGHT = "too_bright"
+    CLIPPED_EXPOSURE = "clipped_exposure"
+    BLACK_FRAMES = "black_frames"
+    TEXT_HEAVY = "text_heavy"
+    LOW_AESTHETIC = "low_aesthetic"
+    NSFW = "nsfw"
+    WATERMARK = "watermark"
+    NEAR_DUPLICATE = "near_duplicate"
+
+
+# score name -> (reason when below its min, reason when above its max). The order is the order in which
+# thresholds are checked: a clip's `reject_reason` is its first failure (a dark clip is too_dark first, even
+# though darkness also reads as blur and as no motion); `filter_reasons` lists all of them.
+SCORE_REJECT_REASONS: dict[str, tuple[RejectReason, RejectReason]] = {
+    "brightness": (RejectReason.TOO_DARK, RejectReason.TOO_BRIGHT),
+    "black": (RejectReason.BLACK_FRAMES, RejectReason.BLACK_FRAMES),
+    "clipped": (RejectReason.CLIPPED_EXPOSURE, RejectReason.CLIPPED_EXPOSURE),
+    "sharpness": (RejectReason.BLURRY, RejectReason.BLURRY),
+    "motion": (RejectReason.LOW_MOTION, RejectReason.HIGH_MOTION),
+    "frozen": (RejectReason.FROZEN_FRAMES, RejectReason.FROZEN_FRAMES),
+    "cut_inside": (RejectReason.CUT_INSIDE, RejectReason.CUT_INSIDE),
+    "text": (RejectReason.TEXT_HEAVY, RejectReason.TEXT_HEAVY),
+    "aesthetic": (RejectReason.LOW_AESTHETIC, RejectReason.LOW_AESTHETIC),
+    "nsfw": (RejectReason.NSFW, RejectReason.NSFW),
+    "watermark": (RejectReason.WATERMARK, RejectReason.WATERMARK),
+}
+WEIGHTS_FREE_SCORES = ("motion", "frozen", "cut_inside", "sharpness", "brightness", "clipped", "black", "text")
+MODEL_SCORES = ("aesthetic", "nsfw", "watermark")
 
 
 class VideoStatus(enum.StrEnum):
@@ -88,6 +123,17 @@ CLIPS_SCHEMA = pa.schema(
     ]
 )
 
+# Columns the filter stage adds to `clips` (all nullable: scores a config leaves off stay null).
+FILTER_FIELDS = [pa.field(f"score_{name}", pa.float64()) for name in WEIGHTS_FREE_SCORES + MODEL_SCORES] + [
+    pa.field("camera_motion", pa.string()),
+    pa.field("phashes", pa.list_(pa.int64())),  # 64-bit pHash of each sampled frame
+    pa.field("clip_embedding", pa.list_(pa.float32())),  # mean CLIP image embedding, unit norm
+    pa.field("filter_reasons", pa.list_(pa.string())),  # every failed threshold, not only the first
+    pa.field("near_duplicate_of", pa.string()),
+    pa.field("filter_detail", pa.string()),
+]
+FILTERED_CLIPS_SCHEMA = pa.schema(list(CLIPS_SCHEMA) + FILTER_FIELDS)
+
 REJECTS_SCHEMA = pa.schema(
     [
         ("stage", pa.string()),
@@ -101,6 +147,7 @@ REJECTS_SCHEMA = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "videos": VIDEOS_SCHEMA,
     "clips": CLIPS_SCHEMA,
+    "filtered_clips": FILTERED_CLIPS_SCHEMA,
     "rejects": REJECTS_SCHEMA,
 }
 

@@ -110,3 +110,103 @@ def bad_corpus(tmp_path_factory, sample_videos) -> tuple[Path, dict[str, str | N
     expected["nested/other.mp4"] = None
     (root / "readme.txt").write_text("not picked up: wrong extension")
     return root, expected
+
+
+def _read_frames(path: str, start: int, end: int, width: int = 640, height: int = 360) -> list[np.ndarray]:
+    import av
+
+    frames = []
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if start <= i < end:
+                frames.append(frame.to_ndarray(width=width, height=height, format="bgr24"))
+            if i >= end:
+                break
+    return frames
+
+
+def write_frames(
+    path: Path, frames: list[np.ndarray], fps: int = 24, crf: int = 20, size: tuple[int, int] | None = None
+) -> None:
+    from fractions import Fraction
+
+    import av
+    import cv2
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        h, w = frames[0].shape[:2]
+        stream.width, stream.height = size or (w, h)
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            if size:
+                frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="session")
+def derived_clips(videos_dir, tmp_path_factory) -> Path:
+    """One real shot (Big Buck Bunny 380-548) and copies made from it: frozen, blurred, dark, re-encoded;
+    plus a different shot of the same film."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("derived")
+    src = str(videos_dir / "big_buck_bunny_0_30.webm")
+    shot = _read_frames(src, 380, 548)
+    write_frames(root / "original.mp4", shot)
+    write_frames(root / "frozen.mp4", [shot[0]] * len(shot))
+    write_frames(root / "blurred.mp4", [cv2.GaussianBlur(f, (0, 0), 4) for f in shot])
+    write_frames(root / "dark.mp4", [(f * 0.08).astype(np.uint8) for f in shot])
+    write_frames(root / "reencoded.mp4", shot, crf=34, size=(480, 270))
+    write_frames(root / "other_scene.mp4", _read_frames(src, 286, 374))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict:
+    """A tiny randomly initialised open_clip model saved like real weights, plus a linear aesthetic head.
+
+    Loaded back through `open_clip.create_model_and_transforms(..., pretrained=PATH)` by the code under test.
+    """
+    import json
+    import math
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny_clip")
+    config = root / "tiny-test.json"
+    config.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
+                # SimpleTokenizer emits ids up to 49407, so the vocabulary stays full size; the towers are tiny.
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    open_clip.add_model_config(config)
+    torch.manual_seed(1234)
+    model = open_clip.create_model("tiny-test", pretrained=None)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint = root / "tiny.pt"
+    torch.save(state, checkpoint)
+    head = root / "aesthetic_head.pt"
+    generator = torch.Generator().manual_seed(7)
+    torch.save({"weight": torch.randn(1, 32, generator=generator), "bias": torch.full((1,), 5.0)}, head)
+    return {
+        "root": root,
+        "config": str(config),
+        "checkpoint": str(checkpoint),
+        "state": state,
+        "head": str(head),
+        "model": "tiny-test",
+    }

@@ -1,0 +1,265 @@
+"""CLIP scoring of clips from their sampled frames: an open_clip model loaded once, used for many clips.
+
+Gives each clip a unit-norm mean image embedding, an optional aesthetic score and zero-shot NSFW/watermark odds.
+
+Aesthetic head files map a frame's L2-normalised CLIP image embedding (dim d) to one score:
+
+- a PyTorch state dict written with `torch.save` (read with `weights_only=True`, so no pickled code), either
+  - a single linear layer: `weight` (1, d) and optionally `bias` (1,), or
+  - sequential linear layers keyed `<prefix><index>.weight` / `<prefix><index>.bias`, e.g. the state dict of
+    `nn.Sequential` under an attribute `layers`: `layers.0.weight` (h, d), `layers.0.bias` (h,),
+    `layers.2.weight` (1, h), ... Layers run in index order with a ReLU between consecutive linears (none after
+    the last); gaps in the indices (where the activations or dropouts sat) are ignored. A Lightning-style
+    `{"state_dict": {...}}` wrapper is unwrapped.
+- an `.npz` file (read with `allow_pickle=False`) holding the same keys: `weight`/`bias`, or `layers.N.*`.
+
+The last layer must have one output. A head trained without activations between its linears (the LAION
+"improved aesthetic predictor" MLP is one) is not this format: fold it into a single linear layer first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Zero-shot prompt pairs: index 0 is the benign class, index 1 the one scored.
+NSFW_PROMPTS = ("a photo that is safe for work", "an explicit nsfw photo with nudity")
+WATERMARK_PROMPTS = ("a clean photo without text", "a photo with a watermark or logo overlay")
+
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$")
+
+HeadLayers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError("ClipScorer needs open_clip: pip install open-clip-torch") from e
+    return open_clip
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_head(path: str | Path) -> HeadLayers:
+    """Reads an aesthetic head file into (weight (out, in), bias (out,)) float32 pairs, checked for shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"aesthetic head file not found: {path}")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            raw: dict[str, Any] = {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
+    else:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+            raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"aesthetic head {path}: expected a non-empty state dict, got {type(raw).__name__}")
+    tensors = {str(k): torch.as_tensor(v).detach().to(torch.float32) for k, v in raw.items()}
+
+    if "weight" in tensors:
+        pairs = [(tensors.pop("weight"), tensors.pop("bias", None))]
+        if tensors:
+            raise ValueError(f"aesthetic head {path}: unexpected keys next to weight/bias: {sorted(tensors)}")
+    else:
+        by_index: dict[int, dict[str, torch.Tensor]] = {}
+        prefixes = set()
+        for key, value in tensors.items():
+            m = _LAYER_KEY.match(key)
+            if m is None:
+                raise ValueError(
+                    f"aesthetic head {path}: key {key!r} is neither weight/bias nor <prefix>N.weight/bias"
+                )
+            prefixes.add(m["prefix"])
+            by_index.setdefault(int(m["index"]), {})[m["kind"]] = value
+        if len(prefixes) != 1:
+            raise ValueError(f"aesthetic head {path}: layer keys mix prefixes {sorted(prefixes)}")
+        pairs = []
+        for index in sorted(by_index):
+            if "weight" not in by_index[index]:
+                raise ValueError(f"aesthetic head {path}: layer {index} has a bias but no weight")
+            pairs.append((by_index[index]["weight"], by_index[index].get("bias")))
+
+    layers: HeadLayers = []
+    for i, (weight, bias) in enumerate(pairs):
+        if weight.ndim == 1:  # a bare coefficient vector is a one-output linear
+            weight = weight[None, :]
+        if weight.ndim != 2:
+            raise ValueError(f"aesthetic head {path}: layer {i} weight has shape {tuple(weight.shape)}, expected 2-D")
+        bias = torch.zeros(weight.shape[0]) if bias is None else bias.reshape(-1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"aesthetic head {path}: layer {i} bias has {bias.shape[0]} values for {weight.shape[0]} outputs"
+            )
+        if layers and layers[-1][0].shape[0] != weight.shape[1]:
+            raise ValueError(
+                f"aesthetic head {path}: layer {i} takes {weight.shape[1]} inputs "
+                f"but the layer before gives {layers[-1][0].shape[0]}"
+            )
+        layers.append((weight, bias))
+    if layers[-1][0].shape[0] != 1:
+        raise ValueError(f"aesthetic head {path}: last layer gives {layers[-1][0].shape[0]} outputs, expected 1")
+    return layers
+
+
+def apply_head(layers: HeadLayers, embeddings: np.ndarray) -> np.ndarray:
+    """Head scores (n,) of embeddings (n, d): linears in order with ReLU between them."""
+    x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    for i, (weight, bias) in enumerate(layers):
+        x = F.linear(x, weight, bias)
+        if i < len(layers) - 1:
+            x = F.relu(x)
+    return x[:, 0].numpy()
+
+
+def _positive_probability(embeddings: np.ndarray, prompts: np.ndarray, logit_scale: float) -> np.ndarray:
+    """Per-image softmax probability of the second prompt, as in CLIP zero-shot classification."""
+    logits = logit_scale * (embeddings.astype(np.float64) @ prompts.astype(np.float64).T)
+    logits -= logits.max(axis=1, keepdims=True)
+    odds = np.exp(logits)
+    return odds[:, 1] / odds.sum(axis=1)
+
+
+def _check_frame(frame: Any) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        described = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise ValueError(f"frames must be RGB uint8 arrays (H, W, 3), got {described}")
+    return np.ascontiguousarray(frame)
+
+
+class ClipScorer:
+    """An open_clip model with its eval transform, optional aesthetic head and zero-shot safety prompts."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None = None,
+        device: str = "auto",
+        aesthetic_head: str | None = None,
+        batch_size: int = 32,
+        safety_prompts: bool = True,
+        model_config: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        open_clip = _import_open_clip()
+        self.model_name = model
+        self.batch_size = batch_size
+        self.device = _resolve_device(device)
+        # Read the head before the model so a bad head file fails without the expensive load.
+        self._head = load_head(aesthetic_head) if aesthetic_head else None
+
+        if model_config is not None:
+            config_path = Path(model_config)
+            # add_model_config ignores a missing path, which would surface later as an unknown model.
+            if not config_path.exists():
+                raise FileNotFoundError(f"model_config not found: {config_path}")
+            open_clip.add_model_config(config_path)
+            if ":" not in model and model not in open_clip.list_models():
+                raise ValueError(
+                    f"model {model!r} is not among the configs registered from {config_path} "
+                    "(a config file's name without .json is its model name)"
+                )
+
+        # fp32 weights everywhere; on CUDA, autocast gives the half-precision speed without fp16 weight drift.
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=self.device, precision="fp32"
+        )
+        self.model.eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            self._autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self._autocast_dtype = None
+
+        self.embed_dim = self._embed_dim()
+        if self._head is not None and self._head[0][0].shape[1] != self.embed_dim:
+            raise ValueError(
+                f"aesthetic head {aesthetic_head} takes {self._head[0][0].shape[1]}-dim input "
+                f"but model {model} gives {self.embed_dim}-dim embeddings"
+            )
+
+        self.logit_scale = float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+        self._prompts: dict[str, np.ndarray] = {}
+        if safety_prompts:
+            tokenizer = open_clip.get_tokenizer(model)
+            self._prompts = {
+                "score_nsfw": self._embed_text(tokenizer, NSFW_PROMPTS),
+                "score_watermark": self._embed_text(tokenizer, WATERMARK_PROMPTS),
+            }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _embed_dim(self) -> int:
+        dim = getattr(self.model.visual, "output_dim", None)
+        if isinstance(dim, int) and dim > 0:
+            return dim
+        # Towers without output_dim (e.g. some timm ones): measure it on one blank frame.
+        return int(self.embed_images([np.zeros((8, 8, 3), np.uint8)]).shape[1])
+
+    @torch.inference_mode()
+    def _embed_text(self, tokenizer: Any, prompts: tuple[str, ...]) -> np.ndarray:
+        tokens = tokenizer(list(prompts)).to(self.device)
+        with self._autocast():
+            features = self.model.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
+        """L2-normalised float32 image embeddings (n, embed_dim) of RGB uint8 frames of any size."""
+        from PIL import Image
+
+        frames = [_check_frame(image) for image in images]
+        out = []
+        for start in range(0, len(frames), self.batch_size):
+            # PIL conversion per batch keeps only one batch of decoded tensors alive.
+            batch = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames[start : start + self.batch_size]])
+            with self._autocast():
+                features = self.model.encode_image(batch.to(self.device, non_blocking=True))
+            # Normalise in fp32: half-precision norms of large features lose digits.
+            out.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, getattr(self, "embed_dim", 0)), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def score_clips(self, clips: list[list[np.ndarray]]) -> list[dict[str, Any]]:
+        """Per clip: `clip_embedding`, plus `score_aesthetic` with a head and `score_nsfw`/`score_watermark`
+        with safety prompts. A clip without frames gets a zero embedding and NaN scores."""
+        # One pass over every frame of every clip so batches fill across short clips.
+        frames = [frame for clip in clips for frame in clip]
+        embeddings = self.embed_images(frames)
+        aesthetic = apply_head(self._head, embeddings) if self._head is not None else None
+        positives = {key: _positive_probability(embeddings, p, self.logit_scale) for key, p in self._prompts.items()}
+
+        results = []
+        start = 0
+        for clip in clips:
+            stop = start + len(clip)
+            result: dict[str, Any] = {}
+            if stop == start:
+                result["clip_embedding"] = np.zeros(self.embed_dim, np.float32)
+            else:
+                mean = embeddings[start:stop].astype(np.float64).mean(axis=0)
+                norm = np.linalg.norm(mean)
+                # Opposite frames can cancel; a zero vector then says "no direction" like an empty clip.
+                result["clip_embedding"] = (mean / norm if norm > 0 else mean).astype(np.float32)
+            if aesthetic is not None:
+                result["score_aesthetic"] = float(aesthetic[start:stop].mean()) if stop > start else math.nan
+            for key, prob in positives.items():
+                result[key] = float(prob[start:stop].mean()) if stop > start else math.nan
+            results.append(result)
+            start = stop
+        return results

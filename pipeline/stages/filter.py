@@ -1,0 +1,283 @@
+"""Filter stage: score every clip from frames sampled once, then decide pass/reject with reasons.
+
+`score_video_clips` decodes a video once (in the isolated child) and scores all its clips with
+the weights-free scorers; `ClipModelStage` adds CLIP embeddings and model scores on a separate
+actor pool; `decide` applies the configured thresholds. Near-duplicates are resolved across the
+whole corpus by the runner (`pipeline.scoring.dedup`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import FilterConfig, RecapConfig
+from pipeline.schema import FILTERED_CLIPS_SCHEMA, SCORE_REJECT_REASONS, RejectReason
+from pipeline.scoring.dedup import phash64
+from pipeline.scoring.image_quality import score_quality
+from pipeline.scoring.motion import score_cut_inside, score_frozen, score_motion
+from pipeline.scoring.text import score_text
+from pipeline.stages.common import IsolatedStage
+from pipeline.video.decode import open_video
+from pipeline.video.isolation import heartbeat
+
+CLIP_FRAME_SIDE = 224  # short side of the frames handed to the CLIP scorer
+
+SCORED_SCHEMA = pa.schema(list(FILTERED_CLIPS_SCHEMA) + [pa.field("frames_jpeg", pa.list_(pa.binary()))])
+
+
+def sample_positions(start: int, end: int, count: int) -> list[int]:
+    """`count` frame indices spread evenly over [start, end), centred in equal segments."""
+    length = end - start
+    if length <= 0:
+        return []
+    n = min(count, length)
+    return sorted({start + int((k + 0.5) * length / n) for k in range(n)})
+
+
+class _ClipFrames:
+    """Sampled frames of one clip as they arrive from the sequential decode."""
+
+    def __init__(self, clip: dict[str, Any], count: int, gap: int):
+        start, end = clip["start_frame"], clip["end_frame"]
+        self.clip = clip
+        self.gap = gap
+        self.positions = sample_positions(start, end, count)
+        # A frame `gap` after each sample (or before, near the clip's end) for optical flow. A gap of
+        # about 0.1 s, not 1 frame: pulldown and animation "on twos" repeat frames, which would read
+        # as no motion.
+        self.partners: dict[int, int] = {}
+        for p in self.positions:
+            q = p + gap if p + gap < end else p - gap
+            if q < start:
+                q = end - 1 if p != end - 1 else start
+            if q != p:
+                self.partners[q] = p
+        self.last_needed = max([*self.positions, *self.partners], default=start)
+        self.grey: dict[int, np.ndarray] = {}
+        self.bgr: dict[int, np.ndarray] = {}
+        self.rgb: dict[int, np.ndarray] = {}
+
+    def needs(self, index: int) -> bool:
+        return index in self.grey or index in self.partners or index in self.positions
+
+
+def _convert(frame: Any, width: int, want_rgb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    height = max(2, round(frame.height * width / frame.width / 2) * 2)
+    bgr = frame.to_ndarray(width=width, height=height, format="bgr24", interpolation="AREA")
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    rgb = None
+    if want_rgb:
+        scale = CLIP_FRAME_SIDE / min(frame.width, frame.height)
+        w, h = max(2, round(frame.width * scale)), max(2, round(frame.height * scale))
+        rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+    return bgr, grey, rgb
+
+
+def score_frames(state: _ClipFrames, fps: float, cfg: FilterConfig, want_frames: bool) -> dict[str, Any]:
+    """Every weights-free score of one clip from its sampled frames."""
+    samples = [p for p in state.positions if p in state.grey]
+    greys = [state.grey[p] for p in samples]
+    pairs = []
+    for q, p in state.partners.items():
+        if p in state.grey and q in state.grey:
+            pairs.append((state.grey[min(p, q)], state.grey[max(p, q)], abs(q - p)))
+    scores: dict[str, Any] = {}
+    scores.update(score_motion(pairs, fps, cfg.flow_width))
+    scores["score_frozen"] = score_frozen(greys)
+    scores.update(score_quality(greys))
+    scores.update(score_text(greys))
+    scores["score_cut_inside"] = score_cut_inside([state.bgr[p] for p in samples])
+    scores["phashes"] = [phash64(g) for g in greys]
+    if want_frames:
+        scores["frames_jpeg"] = [
+            cv2.imencode(".jpg", cv2.cvtColor(state.rgb[p], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[
+                1
+            ].tobytes()
+            for p in samples
+            if p in state.rgb
+        ]
+    if len(samples) < len(state.positions):
+        scores["filter_detail"] = f"decoded {len(samples)} of {len(state.positions)} sampled frames"
+    return scores
+
+
+def iter_clip_frames(
+    uri: str, clips: list[dict[str, Any]], cfg: FilterConfig, fps: float, want_frames: bool = False
+) -> Iterator[tuple[int, _ClipFrames]]:
+    """Decode `uri` once, yielding (clip index, its sampled frames) as soon as each clip is complete.
+
+    Memory holds only the frames of clips still being read. If the decoder fails part-way, the
+    remaining clips are yielded with the frames that did decode.
+    """
+    gap = max(1, round(fps * cfg.motion_gap_s))
+    states: list[_ClipFrames | None] = [_ClipFrames(c, cfg.frames_per_clip, gap) for c in clips]
+    needed: dict[int, list[int]] = {}
+    for i, state in enumerate(states):
+        for index in {*state.positions, *state.partners}:
+            needed.setdefault(index, []).append(i)
+    last = max(needed, default=-1)
+    by_last = sorted(range(len(states)), key=lambda i: states[i].last_needed)
+    done = 0
+    try:
+        with open_video(uri) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            for index, frame in enumerate(container.decode(stream)):
+                owners = needed.get(index)
+                if owners:
+                    want_rgb = want_frames and any(index in states[i].positions for i in owners)
+                    bgr, grey, rgb = _convert(frame, cfg.analysis_width, want_rgb)
+                    for i in owners:
+                        states[i].grey[index] = grey
+                        if index in states[i].positions:
+                            states[i].bgr[index] = bgr
+                            if rgb is not None:
+                                states[i].rgb[index] = rgb
+                while done < len(by_last) and states[by_last[done]].last_needed <= index:
+                    i = by_last[done]
+                    yield i, states[i]
+                    states[i] = None  # its frames are freed once scored
+                    done += 1
+                if index % 32 == 0:
+                    heartbeat()
+                if index >= last:
+                    break
+    except av.error.FFmpegError:
+        pass
+    for i, state in enumerate(states):
+        if state is not None:
+            yield i, state
+
+
+def score_video_clips(
+    uri: str, clips: list[dict[str, Any]], cfg_dict: dict[str, Any], fps: float, want_frames: bool = False
+) -> list[dict[str, Any]]:
+    """Decode `uri` once and score each clip; runs in the isolated child. One dict per clip, in order."""
+    cfg = FilterConfig.model_validate(cfg_dict)
+    results: list[dict[str, Any]] = [{} for _ in clips]
+    for i, state in iter_clip_frames(uri, clips, cfg, fps, want_frames):
+        results[i] = score_frames(state, fps, cfg, want_frames)
+    return results
+
+
+THRESHOLD_REASONS = frozenset(r.value for pair in SCORE_REJECT_REASONS.values() for r in pair)
+DECISION_REASONS = THRESHOLD_REASONS | {RejectReason.NEAR_DUPLICATE.value}
+
+
+def upstream_reason(row: dict[str, Any]) -> str | None:
+    """The reject reason an earlier stage gave (e.g. too_short), not one this stage decided."""
+    reason = row.get("reject_reason")
+    return reason if reason and reason not in (row.get("filter_reasons") or []) else None
+
+
+def scoring_failures(row: dict[str, Any]) -> list[str]:
+    """Reasons from scoring itself (the clip's frames did not decode), as opposed to decisions."""
+    return [r for r in (row.get("filter_reasons") or []) if r not in DECISION_REASONS]
+
+
+def decide(row: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
+    """Reason codes of every threshold the clip's scores fail (NaN or missing scores never fail)."""
+    reasons = []
+    for name in SCORE_REJECT_REASONS:  # fixed order: the first failure is the primary reason
+        limit = thresholds.get(name)
+        if limit is None:
+            continue
+        value = row.get(f"score_{name}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        low, high = SCORE_REJECT_REASONS[name]
+        lo = limit.min if hasattr(limit, "min") else limit.get("min")
+        hi = limit.max if hasattr(limit, "max") else limit.get("max")
+        if lo is not None and value < lo:
+            reasons.append(low.value)
+        elif hi is not None and value > hi:
+            reasons.append(high.value)
+    return reasons
+
+
+class FilterScoreStage(IsolatedStage):
+    """Batch transform: one row per video (with its clips as JSON) -> one scored row per clip."""
+
+    name = "filter"
+    input_columns = ("video_id", "uri", "fps", "clips_json")
+    output_schema = SCORED_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        super().__init__(config)
+        self._cfg = self.config.filter.model_dump(mode="json")
+        self._want_frames = self.config.filter.clip.model is not None
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        from pipeline.stages.common import rows_of
+
+        out: list[dict[str, Any]] = []
+        for row in rows_of(batch):
+            out.extend(self.process_video(row))
+        columns = {f.name: [r.get(f.name) for r in out] for f in self.output_schema}
+        return pa.table(columns, schema=self.output_schema)
+
+    def process_video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        clips = json.loads(row["clips_json"])
+        outcome = self.run_isolated(
+            "pipeline.stages.filter:score_video_clips",
+            row["uri"],
+            clips,
+            self._cfg,
+            row["fps"] or 25.0,
+            self._want_frames,
+        )
+        rejected = self.reject_of(outcome)
+        if rejected is not None:
+            return [
+                {**c, "filter_detail": f"{rejected[0]}: {rejected[1]}", "filter_reasons": [rejected[0]]} for c in clips
+            ]
+        return [{**c, **scores} for c, scores in zip(clips, outcome.result, strict=True)]
+
+
+class ClipModelStage:
+    """Adds CLIP embeddings and model scores (aesthetic, nsfw, watermark); the model loads once per actor."""
+
+    name = "filter-clip"
+    input_columns = ("clip_id", "frames_jpeg")
+    output_schema = FILTERED_CLIPS_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.scoring.clip import ClipScorer
+
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        c = cfg.filter.clip
+        self.scorer = ClipScorer(
+            model=c.model,
+            pretrained=c.pretrained,
+            device=c.device,
+            aesthetic_head=c.aesthetic_head,
+            batch_size=c.batch_size,
+            safety_prompts=c.safety,
+            model_config=c.model_config_path,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        clips_frames = []
+        for row in rows:
+            frames = []
+            for data in row.pop("frames_jpeg") or []:
+                bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            clips_frames.append(frames)
+        for row, scores in zip(rows, self.scorer.score_clips(clips_frames), strict=True):
+            embedding = scores.get("clip_embedding")
+            row["clip_embedding"] = None if embedding is None else np.asarray(embedding, np.float32).tolist()
+            for key in ("score_aesthetic", "score_nsfw", "score_watermark"):
+                if scores.get(key) is not None:
+                    row[key] = float(scores[key])
+        columns = {f.name: [r.get(f.name) for r in rows] for f in self.output_schema}
+        return pa.table(columns, schema=self.output_schema)
