@@ -172,41 +172,12 @@ def tiny_clip(tmp_path_factory) -> dict:
 
     Loaded back through `open_clip.create_model_and_transforms(..., pretrained=PATH)` by the code under test.
     """
-    import json
-    import math
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import open_clip
     import torch
 
+    from pipeline.scoring.tiny_clip import build_tiny_clip
+
     root = tmp_path_factory.mktemp("tiny_clip")
-    config = root / "tiny-test.json"
-    config.write_text(
-        json.dumps(
-            {
-                "embed_dim": 32,
-                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
-                # SimpleTokenizer emits ids up to 49407, so the vocabulary stays full size; the towers are tiny.
-                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-            }
-        )
-    )
-    open_clip.add_model_config(config)
-    torch.manual_seed(1234)
-    model = open_clip.create_model("tiny-test", pretrained=None)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(20.0))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    checkpoint = root / "tiny.pt"
-    torch.save(state, checkpoint)
-    head = root / "aesthetic_head.pt"
-    generator = torch.Generator().manual_seed(7)
-    torch.save({"weight": torch.randn(1, 32, generator=generator), "bias": torch.full((1,), 5.0)}, head)
-    return {
-        "root": root,
-        "config": str(config),
-        "checkpoint": str(checkpoint),
-        "state": state,
-        "head": str(head),
-        "model": "tiny-test",
-    }
+    paths = build_tiny_clip(root)
+    state = torch.load(paths["checkpoint"], map_location="cpu", weights_only=True)
+    return {"root": root, "state": state, **paths}

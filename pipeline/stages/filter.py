@@ -251,17 +251,23 @@ class ClipModelStage:
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
         from pipeline.scoring.clip import ClipScorer
+        from pipeline.scoring.tiny_clip import TINY_PREFIX, ensure_tiny_clip
 
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
         c = cfg.filter.clip
+        model, pretrained, model_config, head = c.model, c.pretrained, c.model_config_path, c.aesthetic_head
+        if model and model.startswith(TINY_PREFIX):  # offline smoke runs: a tiny random model, cached
+            tiny = ensure_tiny_clip()
+            model, pretrained, model_config = tiny["model"], tiny["checkpoint"], tiny["config"]
+            head = head or tiny["head"]
         self.scorer = ClipScorer(
-            model=c.model,
-            pretrained=c.pretrained,
+            model=model,
+            pretrained=pretrained,
             device=c.device,
-            aesthetic_head=c.aesthetic_head,
+            aesthetic_head=head,
             batch_size=c.batch_size,
             safety_prompts=c.safety,
-            model_config=c.model_config_path,
+            model_config=model_config,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

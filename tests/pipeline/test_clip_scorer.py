@@ -19,7 +19,7 @@ import torch
 
 from pipeline.scoring.clip import NSFW_PROMPTS, WATERMARK_PROMPTS, ClipScorer  # noqa: E402
 
-MODEL = "tiny-test"
+MODEL = "recap-tiny-clip"  # pipeline.scoring.tiny_clip.MODEL_NAME
 EMBED_DIM = 32
 LOGIT_SCALE = 20.0  # set by the conftest fixture: not open_clip's init value, so random init cannot pass for it
 

@@ -21,7 +21,10 @@ def _table(out: Path, name: str):
 
 @pytest.fixture(scope="module")
 def smoke():
-    return load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off", "split.max_clip_s=null"])
+    return load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        ["ray.progress=off", "split.max_clip_s=null", "filter.clip.model=null"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,8 @@ def test_dry_run_counts_equal_the_real_decisions_and_write_nothing(filtered, smo
     assert {p: p.stat().st_mtime_ns for p in (out / "manifest").rglob("*.parquet")} == mtimes
     # A looser threshold shows its effect without decoding anything again.
     loose = load_config(
-        PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off", "filter.thresholds.sharpness=null"]
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        ["ray.progress=off", "filter.clip.model=null", "filter.thresholds.sharpness=null"],
     )
     assert "blurry" not in run_pipeline(loose, str(out), stages=["filter"], dry_run=True)[0].rejects_by_reason
 
@@ -92,7 +96,7 @@ def test_dedup_against_an_earlier_corpus(ray_session, filtered, derived_clips, s
     earlier, _clips, _results = filtered
     cfg = load_config(
         PROJECT_ROOT / "configs" / "smoke.yaml",
-        ["ray.progress=off", "split.max_clip_s=null", f"filter.dedup.against=['{earlier}']"],
+        ["ray.progress=off", "split.max_clip_s=null", "filter.clip.model=null", f"filter.dedup.against=['{earlier}']"],
     )
     out = tmp_path / "new_crawl"
     run_pipeline(cfg, str(out), inputs=[str(derived_clips / "original.mp4"), str(derived_clips / "frozen.mp4")])

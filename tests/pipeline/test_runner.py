@@ -20,7 +20,7 @@ def _table(out: Path, name: str):
 
 @pytest.fixture(scope="module")
 def smoke_config():
-    return load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=log"])
+    return load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=log", "filter.clip.model=null"])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -128,3 +130,13 @@ def test_scoring_hundreds_of_clips_does_not_grow_the_worker(sample_videos):
         growth_mib = (rss_kib(pid) - before) / 1024
     print(f"worker RSS growth over 300 clips: {growth_mib:.2f} MiB")
     assert growth_mib < 15, f"worker grew {growth_mib:.1f} MiB over 300 clips"
+
+
+def test_tiny_clip_is_built_once_and_cached(tmp_path):
+    from pipeline.scoring.tiny_clip import ensure_tiny_clip
+
+    first = ensure_tiny_clip(tmp_path)
+    stamp = {k: os.stat(v).st_mtime_ns for k, v in first.items() if k != "model"}
+    second = ensure_tiny_clip(tmp_path)
+    assert first == second
+    assert stamp == {k: os.stat(v).st_mtime_ns for k, v in second.items() if k != "model"}
