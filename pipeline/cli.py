@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print how many clips each threshold would reject; write nothing (re-uses stored scores)",
     )
 
+    p = sub.add_parser("caption", help="caption passing clips with a video-language model")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--output", "-o", required=True, help="corpus with a clips table (after split/filter)")
+
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config with every default filled in")
@@ -164,7 +169,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         inputs = [sample_dir]
     results = run_pipeline(config, args.output, inputs=inputs, address=args.address)
     _print_summary(results, args.output)
-    print(f"  tables: {args.output.rstrip('/')}/manifest/{{videos,clips,rejects}} (Parquet)")
+    print(f"  tables: {args.output.rstrip('/')}/manifest/{{videos,clips,captions,rejects}} (Parquet)")
     return 0
 
 
@@ -173,6 +178,7 @@ _HANDLERS = {
     "ingest": _cmd_stage,
     "split": _cmd_stage,
     "filter": _cmd_filter,
+    "caption": _cmd_stage,
     "config": _cmd_config,
     "samples": _cmd_samples,
     "quickstart": _cmd_quickstart,

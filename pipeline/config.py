@@ -202,6 +202,60 @@ class FilterConfig(_Section):
         return value
 
 
+class CaptionQCConfig(_Section):
+    min_words: int = Field(8, ge=0)
+    max_words: int = Field(300, ge=1)
+    max_repeat_frac: float = Field(0.3, ge=0, le=1, description="share of repeated word 4-grams that flags repetition")
+    retry: bool = Field(True, description="caption flagged clips once more with sampling before rejecting them")
+    retry_temperature: float = Field(0.7, gt=0)
+    fail_on: list[Literal["empty", "refusal", "repetition", "too_short", "too_long", "truncated"]] = Field(
+        default_factory=lambda: ["empty", "refusal", "repetition", "too_short", "too_long", "truncated"],
+        description="flags that reject a clip (all flags are recorded in caption_flags either way)",
+    )
+
+    @model_validator(mode="after")
+    def _word_range(self) -> CaptionQCConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+class VLLMConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_replicas: int = Field(1, ge=1, description="engine actors, each on tensor_parallel_size GPUs")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=256)
+    pip: list[str] = Field(
+        default_factory=lambda: ["vllm==0.33.*"],
+        description="the caption actors' own Ray runtime_env pip set (vLLM pins its own torch)",
+    )
+    image_uri: str | None = Field(None, description="or a container image for the caption actors")
+
+
+class CaptionConfig(_Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str | None = Field(
+        None, description="hub id or local path; 'recap-tiny:qwen2_5_vl' builds a tiny random model (tests, smoke)"
+    )
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    prompt: str = Field("dense-v1", description="a built-in prompt name or a YAML/JSON prompt file")
+    num_frames: int | None = Field(8, ge=1, description="frames sampled evenly from each clip")
+    target_fps: float | None = Field(None, gt=0, description="instead of num_frames: sample at this rate")
+    max_frames: int = Field(32, ge=1)
+    max_side: int = Field(448, ge=28, description="frames are resized so their longer side is at most this")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.05, gt=0)
+    batch_size: int = Field(8, ge=1, description="clips per generate() call")
+    qc: CaptionQCConfig = Field(default_factory=CaptionQCConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    preprocess_resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=8))
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
+
+
 class RecapConfig(_Section):
     """The whole run: one section per stage plus Ray and isolation settings."""
 
@@ -210,6 +264,7 @@ class RecapConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

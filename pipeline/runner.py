@@ -28,7 +28,7 @@ from pipeline.stages.split import SPLIT_RESULT_SCHEMA, SplitStage, clip_rows_fro
 log = logging.getLogger("recap")
 
 STAGE_ORDER = ("ingest", "split", "filter", "caption", "encode")
-AVAILABLE_STAGES = ("ingest", "split", "filter")
+AVAILABLE_STAGES = ("ingest", "split", "filter", "caption")
 
 
 @dataclass
@@ -78,7 +78,9 @@ class RaySession:
             ray.shutdown()
 
 
-def _map_stage(ds: Any, stage_cls: type, resources: Resources, constructor_args: tuple) -> Any:
+def _map_stage(
+    ds: Any, stage_cls: type, resources: Resources, constructor_args: tuple, runtime_env: dict | None = None
+) -> Any:
     import ray.data
 
     missing = [c for c in stage_cls.input_columns if c not in ds.schema().names]
@@ -92,6 +94,7 @@ def _map_stage(ds: Any, stage_cls: type, resources: Resources, constructor_args:
         compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus or None,
+        runtime_env=runtime_env,
     )
 
 
@@ -294,6 +297,8 @@ def run_pipeline(
                 results.append(run_split(config, output))
             elif stage == "filter":
                 results.append(run_filter(config, output, dry_run=dry_run))
+            elif stage == "caption":
+                results.append(run_caption(config, output))
     return results
 
 
@@ -610,4 +615,129 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
         rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
     )
     manifest.update_run_json(output, config.to_dict(), "filter", {"seconds": result.seconds, "counts": result.counts})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# caption
+
+
+def run_caption(config: RecapConfig, output: str) -> StageResult:
+    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
+    import ray.data
+
+    from captioner.prompts import load_prompt
+    from pipeline.schema import CAPTION_FIELDS, RejectReason
+    from pipeline.stages.caption import CAPTIONS_SCHEMA, CaptionModelStage, CaptionPrepStage, caption_version
+
+    start = time.monotonic()
+    cfg = config.caption
+    if cfg.model is None:
+        raise StageInputError("caption.model is not set: name a hub id, a local path, or recap-tiny:qwen2_5_vl")
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` (and filter) first")
+    prompt = load_prompt(cfg.prompt)  # a bad prompt file fails here, before any actor starts
+    version = caption_version(cfg.model, prompt.version_id)
+    clips = manifest.read_table(output, "clips")
+    caption_cols = {f.name for f in CAPTION_FIELDS}
+    clips = clips.drop_columns([c for c in clips.column_names if c in caption_cols])
+    # Clips this stage rejected last time are candidates again: undo only its own decisions.
+    reasons = clips.column("reject_reason").to_pylist()
+    own = [bool(r and r.startswith("caption_")) for r in reasons]
+    if any(own):
+        clips = clips.set_column(
+            clips.schema.get_field_index("passed"),
+            "passed",
+            pa.array([p or o for p, o in zip(clips.column("passed").to_pylist(), own, strict=True)]),
+        )
+        clips = clips.set_column(
+            clips.schema.get_field_index("reject_reason"),
+            "reject_reason",
+            pa.array([None if o else r for r, o in zip(reasons, own, strict=True)], pa.string()),
+        )
+    wanted = [
+        c
+        for c in ("clip_id", "uri", "start_s", "end_s", "duration_s", "fps", "camera_motion")
+        if c in clips.column_names
+    ]
+    todo = clips.filter(pc.equal(clips.column("passed"), True)).select(wanted)
+    manifest.clear_parts(output, "captions", prefix=version)
+    writer = manifest.TableWriter(output, "captions", prefix=version, schema=CAPTIONS_SCHEMA)
+    progress = _progress(config, "caption", todo.num_rows, "clips")
+    captions: dict[str, dict[str, Any]] = {}
+    if todo.num_rows:
+        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
+        ds = _map_stage(ds, CaptionPrepStage, cfg.preprocess_resources, (config.to_dict(),))
+        env = None
+        model_resources = cfg.resources
+        if cfg.backend == "vllm":
+            from captioner.backends.vllm import runtime_env
+
+            env = runtime_env(cfg)
+            # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
+            model_resources = cfg.resources.model_copy(
+                update={
+                    "concurrency": cfg.vllm.data_parallel_replicas,
+                    "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
+                }
+            )
+        ds = _map_stage(ds, CaptionModelStage, model_resources, (config.to_dict(),), runtime_env=env)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.write(batch)
+            for row in batch.to_pylist():
+                captions[row["clip_id"]] = row
+            progress.update(batch.num_rows, failed=sum(batch.column("caption_failed").to_pylist()))
+    writer.close()
+    progress.close()
+    rows = clips.to_pylist()
+    reject_rows = []
+    for row in rows:
+        cap = captions.get(row["clip_id"])
+        if cap is None:
+            continue
+        row.update(
+            caption=cap["caption"],
+            caption_model=cap["caption_model"],
+            caption_prompt_version=cap["caption_prompt_version"],
+            caption_version=version,
+            caption_flags=cap["caption_flags"],
+        )
+        if cap["caption_failed"]:
+            failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f == "no_frames"]
+            reason = RejectReason(f"caption_{failing[0]}").value
+            row.update(passed=False, reject_reason=reason)
+            reject_rows.append(
+                {
+                    "stage": "caption",
+                    "item_id": row["clip_id"],
+                    "uri": row["uri"],
+                    "reason": reason,
+                    "detail": f"flags {cap['caption_flags']} after {cap['caption_attempts']} attempt(s): "
+                    f"{(cap['caption_raw'] or '')[:200]!r}",
+                }
+            )
+    schema = pa.schema([f for f in clips.schema if f.name not in caption_cols] + CAPTION_FIELDS)
+    manifest.clear_parts(output, "clips")
+    clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema)
+    clip_writer.write_rows(rows)
+    clip_writer.close()
+    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="caption")
+    result = StageResult(
+        "caption",
+        time.monotonic() - start,
+        counts={"clips": todo.num_rows, "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
+        rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
+    )
+    manifest.update_run_json(
+        output,
+        config.to_dict(),
+        "caption",
+        {
+            "seconds": result.seconds,
+            "counts": result.counts,
+            "caption_version": version,
+            "caption_model": cfg.model,
+            "caption_prompt_version": prompt.version_id,
+        },
+    )
     return result

@@ -42,6 +42,14 @@ class RejectReason(enum.StrEnum):
     NSFW = "nsfw"
     WATERMARK = "watermark"
     NEAR_DUPLICATE = "near_duplicate"
+    # caption stage: "caption_" + the first failing QC flag (captioner.quality.CaptionFlag)
+    CAPTION_EMPTY = "caption_empty"
+    CAPTION_REFUSAL = "caption_refusal"
+    CAPTION_REPETITION = "caption_repetition"
+    CAPTION_TOO_SHORT = "caption_too_short"
+    CAPTION_TOO_LONG = "caption_too_long"
+    CAPTION_TRUNCATED = "caption_truncated"
+    CAPTION_NO_FRAMES = "caption_no_frames"  # the clip's frames could not be decoded for captioning
 
 
 # score name -> (reason when below its min, reason when above its max). The order is the order in which
@@ -134,6 +142,15 @@ FILTER_FIELDS = [pa.field(f"score_{name}", pa.float64()) for name in WEIGHTS_FRE
 ]
 FILTERED_CLIPS_SCHEMA = pa.schema(list(CLIPS_SCHEMA) + FILTER_FIELDS)
 
+# Columns the caption stage adds to `clips` (the current caption version; all versions live in `captions`).
+CAPTION_FIELDS = [
+    pa.field("caption", pa.string()),
+    pa.field("caption_model", pa.string()),
+    pa.field("caption_prompt_version", pa.string()),
+    pa.field("caption_version", pa.string()),
+    pa.field("caption_flags", pa.list_(pa.string())),
+]
+
 REJECTS_SCHEMA = pa.schema(
     [
         ("stage", pa.string()),
@@ -144,7 +161,22 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
+CAPTIONS_TABLE_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("caption_version", pa.string()),
+        ("caption", pa.string()),
+        ("caption_raw", pa.string()),
+        ("caption_model", pa.string()),
+        ("caption_prompt_version", pa.string()),
+        ("caption_flags", pa.list_(pa.string())),
+        ("caption_failed", pa.bool_()),
+        ("caption_attempts", pa.int32()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
+    "captions": CAPTIONS_TABLE_SCHEMA,
     "videos": VIDEOS_SCHEMA,
     "clips": CLIPS_SCHEMA,
     "filtered_clips": FILTERED_CLIPS_SCHEMA,

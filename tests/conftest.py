@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Tests never reach a model hub: every model is built locally. Set before Ray starts so workers inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _shared_dir() -> Path | None:

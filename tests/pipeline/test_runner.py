@@ -109,4 +109,4 @@ def test_split_without_ingest_says_what_to_do(ray_session, smoke_config, tmp_pat
     with pytest.raises(StageInputError, match="recap ingest"):
         run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["split"])
     with pytest.raises(ValueError, match="not built yet"):
-        run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["caption"])
+        run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["encode"])

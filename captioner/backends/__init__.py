@@ -1,0 +1,1 @@
+"""Captioning backends behind one interface: transformers (CPU or GPU) and vLLM (GPU clusters)."""

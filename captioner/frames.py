@@ -1,0 +1,87 @@
+"""Frames of one clip for a captioning model: evenly spaced or at a target fps, capped and resized.
+
+Decodes with PyAV from the keyframe before the clip (a seek, not a decode from the video's start)
+and picks frames by presentation time, so variable frame rate sources sample correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from pipeline.schema import RejectReason
+from pipeline.video.decode import VideoRejected, open_video
+from pipeline.video.isolation import heartbeat
+
+
+def sample_times(
+    start_s: float, end_s: float, num_frames: int | None, target_fps: float | None, max_frames: int
+) -> list[float]:
+    """Presentation times to sample in [start_s, end_s): `num_frames` evenly, or every 1/target_fps s."""
+    duration = max(0.0, end_s - start_s)
+    count = max(1, int(duration * target_fps)) if target_fps else (num_frames or 8)
+    count = max(1, min(count, max_frames))
+    return [start_s + (k + 0.5) * duration / count for k in range(count)]
+
+
+def resize_to(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(2, round(w * scale)), max(2, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def read_clip_frames(
+    uri: str,
+    start_s: float,
+    end_s: float,
+    num_frames: int | None = 8,
+    target_fps: float | None = None,
+    max_frames: int = 32,
+    max_side: int = 448,
+) -> tuple[list[np.ndarray], list[float]]:
+    """RGB uint8 frames (and their times) sampled from the clip [start_s, end_s) of `uri`."""
+    targets = sample_times(start_s, end_s, num_frames, target_fps, max_frames)
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    try:
+        with open_video(uri) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            tb = stream.time_base
+            if tb and start_s > 0:
+                container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)
+            pending = 0
+            last: Any = None
+            for frame in container.decode(stream):
+                t = float(frame.pts * tb) if frame.pts is not None and tb else None
+                if t is None:
+                    continue
+                if t < start_s - 1e-6:  # decoded from the keyframe before the clip: not part of it
+                    continue
+                if t >= end_s:
+                    break
+                # Take the latest frame at or before each target time.
+                while pending < len(targets) and t > targets[pending] and last is not None:
+                    frames.append(resize_to(last[0].to_ndarray(format="rgb24"), max_side))
+                    times.append(last[1])
+                    pending += 1
+                last = (frame, t)
+                if pending >= len(targets):
+                    break
+                if len(times) % 8 == 0:
+                    heartbeat()
+            while last is not None and pending < len(targets):
+                frames.append(resize_to(last[0].to_ndarray(format="rgb24"), max_side))
+                times.append(last[1])
+                pending += 1
+    except av.error.FFmpegError as exc:
+        raise VideoRejected(RejectReason.DECODE_ERROR, f"decoding the clip failed: {exc}") from None
+    if not frames:
+        raise VideoRejected(RejectReason.DECODE_ERROR, f"no frame decoded in [{start_s:.3f}, {end_s:.3f}) s")
+    return frames, times

@@ -1,0 +1,200 @@
+"""Caption stage: CPU actors decode and resize each clip's frames; model actors caption them and run QC.
+
+Keeping decode apart from the model means the GPU never waits on FFmpeg. Captions are versioned by
+(model, prompt hash) in their own table, so changing either re-runs only captioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import CaptionConfig, RecapConfig
+from pipeline.schema import CAPTIONS_TABLE_SCHEMA
+from pipeline.stages.common import IsolatedStage, rows_of
+
+PREP_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("frames_jpeg", pa.list_(pa.binary())),
+        ("sample_fps", pa.float64()),
+        ("user_text", pa.string()),
+        ("prep_error", pa.string()),
+    ]
+)
+
+CAPTIONS_SCHEMA = CAPTIONS_TABLE_SCHEMA  # one row per clip and caption version (model + prompt hash)
+
+
+def caption_version(model: str, prompt_version_id: str) -> str:
+    return hashlib.sha256(f"{model}\n{prompt_version_id}".encode()).hexdigest()[:12]
+
+
+def prepare_clip(uri: str, start_s: float, end_s: float, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Sampled, resized frames of one clip as JPEG bytes; runs in the isolated child."""
+    from captioner.frames import read_clip_frames
+
+    cfg = CaptionConfig.model_validate(cfg_dict)
+    frames, times = read_clip_frames(uri, start_s, end_s, cfg.num_frames, cfg.target_fps, cfg.max_frames, cfg.max_side)
+    duration = max(end_s - start_s, 1e-6)
+    encoded = [
+        cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+        for f in frames
+    ]
+    return {"frames_jpeg": encoded, "sample_fps": len(frames) / duration}
+
+
+class CaptionPrepStage(IsolatedStage):
+    """CPU actors: clip rows -> sampled frames (JPEG) and the rendered prompt text."""
+
+    name = "caption-prep"
+    input_columns = ("clip_id", "uri", "start_s", "end_s")
+    output_schema = PREP_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from captioner.prompts import load_prompt
+
+        super().__init__(config)
+        self._cfg = self.config.caption.model_dump(mode="json")
+        self.prompt = load_prompt(self.config.caption.prompt)
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        from captioner.prompts import render_user_text
+
+        out: dict[str, Any] = {"clip_id": row["clip_id"], "user_text": render_user_text(self.prompt, row)}
+        outcome = self.run_isolated(
+            "pipeline.stages.caption:prepare_clip", row["uri"], row["start_s"], row["end_s"], self._cfg
+        )
+        rejected = self.reject_of(outcome)
+        if rejected is not None:
+            out.update(frames_jpeg=[], sample_fps=None, prep_error=f"{rejected[0]}: {rejected[1]}")
+        else:
+            out.update(outcome.result)
+        return out
+
+
+def build_backend(cfg: CaptionConfig) -> Any:
+    if cfg.model is None:
+        raise ValueError("caption.model is not set: name a hub id, a local path, or recap-tiny:qwen2_5_vl")
+    if cfg.backend == "vllm":
+        from captioner.backends.vllm import VLLMBackend
+
+        return VLLMBackend(cfg)
+    from captioner.backends.transformers import TransformersBackend
+
+    return TransformersBackend(
+        cfg.model,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        batch_size=cfg.batch_size,
+    )
+
+
+class CaptionModelStage:
+    """Model actors: frames -> caption, QC, one retry with sampling for flagged captions."""
+
+    name = "caption"
+    input_columns = ("clip_id", "frames_jpeg", "sample_fps", "user_text")
+    output_schema = CAPTIONS_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from captioner.prompts import load_prompt
+        from captioner.quality import QCConfig
+
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        self.cfg = cfg.caption
+        self.prompt = load_prompt(self.cfg.prompt)
+        self.version = caption_version(self.cfg.model or "", self.prompt.version_id)
+        self.qc = QCConfig(
+            min_words=self.cfg.qc.min_words,
+            max_words=self.cfg.qc.max_words,
+            max_repeat_ngram_frac=self.cfg.qc.max_repeat_frac,
+        )
+        self.backend = build_backend(self.cfg)
+
+    def _sampling(self, retry: bool) -> Any:
+        from captioner.backends.base import Sampling
+
+        c = self.cfg
+        temperature = c.qc.retry_temperature if retry else c.temperature
+        return Sampling(
+            max_new_tokens=c.max_new_tokens,
+            temperature=temperature,
+            top_p=c.top_p if retry else c.top_p,
+            repetition_penalty=c.repetition_penalty,
+            seed=1 if retry else 0,
+        )
+
+    def _judge(self, raw: str) -> tuple[Any, bool]:
+        from captioner.quality import check_caption
+
+        result = check_caption(raw, self.qc)
+        failing = [f for f in result.flags if f in self.cfg.qc.fail_on]
+        return result, bool(failing)
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        from captioner.backends.base import CaptionRequest
+
+        rows = rows_of(batch)
+        out: list[dict[str, Any]] = []
+        requests, owners = [], []
+        for row in rows:
+            base = {
+                "clip_id": row["clip_id"],
+                "caption_version": self.version,
+                "caption_model": self.cfg.model,
+                "caption_prompt_version": self.prompt.version_id,
+                "caption_attempts": 0,
+            }
+            if not row.get("frames_jpeg"):
+                out.append(
+                    {
+                        **base,
+                        "caption": None,
+                        "caption_raw": None,
+                        "caption_failed": True,
+                        "caption_flags": ["no_frames"],
+                    }
+                )
+                continue
+            frames = [
+                cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                for b in row["frames_jpeg"]
+            ]
+            requests.append(
+                CaptionRequest(
+                    row["clip_id"],
+                    frames,
+                    float(row["sample_fps"] or 1.0),
+                    row["user_text"],
+                    system=self.prompt.system,
+                )
+            )
+            owners.append(base)
+        if requests:
+            raws = self.backend.caption(requests, self._sampling(retry=False))
+            results = [self._judge(raw) for raw in raws]
+            retry_idx = [i for i, (_r, failed) in enumerate(results) if failed] if self.cfg.qc.retry else []
+            attempts = [1] * len(requests)
+            if retry_idx:
+                again = self.backend.caption([requests[i] for i in retry_idx], self._sampling(retry=True))
+                for i, raw in zip(retry_idx, again, strict=True):
+                    raws[i], results[i], attempts[i] = raw, self._judge(raw), 2
+            for base, raw, (result, failed), n in zip(owners, raws, results, attempts, strict=True):
+                out.append(
+                    {
+                        **base,
+                        "caption": result.caption,
+                        "caption_raw": raw,
+                        "caption_flags": list(result.flags),
+                        "caption_failed": failed,
+                        "caption_attempts": n,
+                    }
+                )
+        columns = {f.name: [r.get(f.name) for r in out] for f in CAPTIONS_SCHEMA}
+        return pa.table(columns, schema=CAPTIONS_SCHEMA)
