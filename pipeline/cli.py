@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.add_argument("--output", "-o", required=True, help="corpus with a clips table (after split/filter)")
 
+    p = sub.add_parser("upsample", help="rewrite short prompts as long captions in the corpus's caption style")
+    _add_config_args(p)
+    p.add_argument("prompts", nargs="+", help="short prompts, e.g. 'a corgi surfing'")
+    p.add_argument("--corpus", help="captioned corpus to draw few-shot examples from and compare styles with")
+    p.add_argument("--model", help="override upsample.model")
+
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config with every default filled in")
@@ -140,6 +146,25 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upsample(args: argparse.Namespace) -> int:
+    from captioner.upsample import Upsampler, corpus_captions, style_report
+
+    cfg = _load(args).upsample
+    captions = corpus_captions(args.corpus) if args.corpus else []
+    upsampler = Upsampler(
+        args.model or cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    results = upsampler.upsample(
+        args.prompts, captions, n_examples=cfg.examples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature
+    )
+    for prompt, text in zip(args.prompts, results, strict=True):
+        print(f"{prompt}\n  -> {text}\n")
+    if captions:
+        for line in style_report(results, captions).lines():
+            print(line)
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -179,6 +204,7 @@ _HANDLERS = {
     "split": _cmd_stage,
     "filter": _cmd_filter,
     "caption": _cmd_stage,
+    "upsample": _cmd_upsample,
     "config": _cmd_config,
     "samples": _cmd_samples,
     "quickstart": _cmd_quickstart,

@@ -250,10 +250,23 @@ class CaptionConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.05, gt=0)
     batch_size: int = Field(8, ge=1, description="clips per generate() call")
+    min_caption_match: float | None = Field(
+        None, ge=-1, le=1, description="reject captions whose CLIP text-video cosine is lower (needs filter.clip)"
+    )
     qc: CaptionQCConfig = Field(default_factory=CaptionQCConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     preprocess_resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=8))
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
+
+
+class UpsampleConfig(_Section):
+    model: str = Field("recap-tiny:text_lm", description="causal LM by hub id or local path")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    examples: int = Field(3, ge=0, description="few-shot captions drawn from the corpus")
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = Field(0.0, ge=0)
 
 
 class RecapConfig(_Section):
@@ -265,6 +278,7 @@ class RecapConfig(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    upsample: UpsampleConfig = Field(default_factory=UpsampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

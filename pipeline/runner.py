@@ -622,6 +622,31 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
 # caption
 
 
+def _caption_match(config: RecapConfig, clips: pa.Table, captions: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """score_caption_match per captioned clip, when the filter stored CLIP embeddings and a CLIP model is set."""
+    import ray.data
+
+    from pipeline.stages.caption import CaptionMatchStage
+
+    if not config.filter.clip.model or "clip_embedding" not in clips.column_names:
+        return {}
+    rows = [
+        {"clip_id": r["clip_id"], "caption": captions[r["clip_id"]]["caption"], "clip_embedding": r["clip_embedding"]}
+        for r in clips.select(["clip_id", "clip_embedding"]).to_pylist()
+        if r["clip_id"] in captions and r["clip_embedding"] and captions[r["clip_id"]]["caption"]
+    ]
+    if not rows:
+        return {}
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows), override_num_blocks=min(len(rows), 100))
+    ds = _map_stage(ds, CaptionMatchStage, config.filter.clip.resources, (config.to_dict(),))
+    out: dict[str, float] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        out.update(
+            zip(batch.column("clip_id").to_pylist(), batch.column("score_caption_match").to_pylist(), strict=True)
+        )
+    return out
+
+
 def run_caption(config: RecapConfig, output: str) -> StageResult:
     """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
     import ray.data
@@ -689,20 +714,35 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
             progress.update(batch.num_rows, failed=sum(batch.column("caption_failed").to_pylist()))
     writer.close()
     progress.close()
+    matches = _caption_match(config, clips, captions)
     rows = clips.to_pylist()
     reject_rows = []
     for row in rows:
         cap = captions.get(row["clip_id"])
         if cap is None:
             continue
+        match = matches.get(row["clip_id"])
         row.update(
             caption=cap["caption"],
             caption_model=cap["caption_model"],
             caption_prompt_version=cap["caption_prompt_version"],
             caption_version=version,
             caption_flags=cap["caption_flags"],
+            score_caption_match=match,
         )
-        if cap["caption_failed"]:
+        mismatch = match is not None and cfg.min_caption_match is not None and match < cfg.min_caption_match
+        if mismatch and not cap["caption_failed"]:
+            row.update(passed=False, reject_reason=RejectReason.CAPTION_MISMATCH.value)
+            reject_rows.append(
+                {
+                    "stage": "caption",
+                    "item_id": row["clip_id"],
+                    "uri": row["uri"],
+                    "reason": RejectReason.CAPTION_MISMATCH.value,
+                    "detail": f"caption-video match {match:.3f} < {cfg.min_caption_match}",
+                }
+            )
+        elif cap["caption_failed"]:
             failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f == "no_frames"]
             reason = RejectReason(f"caption_{failing[0]}").value
             row.update(passed=False, reject_reason=reason)

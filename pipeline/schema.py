@@ -50,6 +50,7 @@ class RejectReason(enum.StrEnum):
     CAPTION_TOO_LONG = "caption_too_long"
     CAPTION_TRUNCATED = "caption_truncated"
     CAPTION_NO_FRAMES = "caption_no_frames"  # the clip's frames could not be decoded for captioning
+    CAPTION_MISMATCH = "caption_mismatch"  # score_caption_match below caption.min_caption_match
 
 
 # score name -> (reason when below its min, reason when above its max). The order is the order in which
@@ -149,6 +150,7 @@ CAPTION_FIELDS = [
     pa.field("caption_prompt_version", pa.string()),
     pa.field("caption_version", pa.string()),
     pa.field("caption_flags", pa.list_(pa.string())),
+    pa.field("score_caption_match", pa.float64()),  # CLIP text-video cosine (needs the filter's CLIP model)
 ]
 
 REJECTS_SCHEMA = pa.schema(

@@ -217,6 +217,23 @@ class ClipScorer:
             features = self.model.encode_text(tokens)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 text embeddings (n, embed_dim); long texts are cut at the context length."""
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        tokenizer = _import_open_clip().get_tokenizer(self.model_name)
+        out = [
+            self._embed_text(tokenizer, tuple(texts[i : i + self.batch_size]))
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def caption_match(self, captions: list[str], clip_embeddings: list[np.ndarray]) -> np.ndarray:
+        """Cosine similarity of each caption's text embedding with its clip's image embedding."""
+        text = self.embed_texts(captions)
+        image = np.stack([np.asarray(e, np.float32) for e in clip_embeddings]) if clip_embeddings else text
+        return np.sum(text * image, axis=1)
+
     @torch.inference_mode()
     def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 image embeddings (n, embed_dim) of RGB uint8 frames of any size."""

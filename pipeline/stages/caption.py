@@ -198,3 +198,29 @@ class CaptionModelStage:
                 )
         columns = {f.name: [r.get(f.name) for r in out] for f in CAPTIONS_SCHEMA}
         return pa.table(columns, schema=CAPTIONS_SCHEMA)
+
+
+MATCH_SCHEMA = pa.schema([("clip_id", pa.string()), ("score_caption_match", pa.float64())])
+
+
+class CaptionMatchStage:
+    """CLIP text-video agreement: the caption's text embedding against the filter's clip embedding."""
+
+    name = "caption-match"
+    input_columns = ("clip_id", "caption", "clip_embedding")
+    output_schema = MATCH_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.stages.filter import clip_scorer_from_config
+
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        self.scorer = clip_scorer_from_config(cfg)
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        rows = rows_of(batch)
+        scores = self.scorer.caption_match(
+            [r["caption"] for r in rows], [np.asarray(r["clip_embedding"], np.float32) for r in rows]
+        )
+        return pa.table(
+            {"clip_id": [r["clip_id"] for r in rows], "score_caption_match": scores.astype(float)}, schema=MATCH_SCHEMA
+        )

@@ -242,6 +242,28 @@ class FilterScoreStage(IsolatedStage):
         return [{**c, **scores} for c, scores in zip(clips, outcome.result, strict=True)]
 
 
+def clip_scorer_from_config(cfg: RecapConfig) -> Any:
+    """The configured CLIP scorer; `recap-tiny:clip` is a tiny random model built once and cached (smoke runs)."""
+    from pipeline.scoring.clip import ClipScorer
+    from pipeline.scoring.tiny_clip import TINY_PREFIX, ensure_tiny_clip
+
+    c = cfg.filter.clip
+    model, pretrained, model_config, head = c.model, c.pretrained, c.model_config_path, c.aesthetic_head
+    if model and model.startswith(TINY_PREFIX):
+        tiny = ensure_tiny_clip()
+        model, pretrained, model_config = tiny["model"], tiny["checkpoint"], tiny["config"]
+        head = head or tiny["head"]
+    return ClipScorer(
+        model=model,
+        pretrained=pretrained,
+        device=c.device,
+        aesthetic_head=head,
+        batch_size=c.batch_size,
+        safety_prompts=c.safety,
+        model_config=model_config,
+    )
+
+
 class ClipModelStage:
     """Adds CLIP embeddings and model scores (aesthetic, nsfw, watermark); the model loads once per actor."""
 
@@ -250,25 +272,8 @@ class ClipModelStage:
     output_schema = FILTERED_CLIPS_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from pipeline.scoring.clip import ClipScorer
-        from pipeline.scoring.tiny_clip import TINY_PREFIX, ensure_tiny_clip
-
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
-        c = cfg.filter.clip
-        model, pretrained, model_config, head = c.model, c.pretrained, c.model_config_path, c.aesthetic_head
-        if model and model.startswith(TINY_PREFIX):  # offline smoke runs: a tiny random model, cached
-            tiny = ensure_tiny_clip()
-            model, pretrained, model_config = tiny["model"], tiny["checkpoint"], tiny["config"]
-            head = head or tiny["head"]
-        self.scorer = ClipScorer(
-            model=model,
-            pretrained=pretrained,
-            device=c.device,
-            aesthetic_head=head,
-            batch_size=c.batch_size,
-            safety_prompts=c.safety,
-            model_config=model_config,
-        )
+        self.scorer = clip_scorer_from_config(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

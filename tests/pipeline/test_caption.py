@@ -25,18 +25,12 @@ def _config(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def captioned(ray_session, videos_dir, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("RECAP_CACHE", str(tmp_path_factory.mktemp("recap_cache")))
+def captioned(ray_session, videos_dir, tmp_path_factory):
+    # Tiny models are cached where Ray's workers look ($RECAP_CACHE as the session started, else ~/.cache/recap).
     out = tmp_path_factory.mktemp("captioned")
     inputs = [str(videos_dir / "testvideo.mp4"), str(videos_dir / "issue-134-rotate.mp4")]
     run_pipeline(_config(), str(out), inputs=inputs, stages=["ingest", "split", "caption"])
     return out
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 def test_real_clips_get_captions_with_model_and_prompt_version(captioned):
@@ -95,3 +89,29 @@ def test_caption_without_a_model_says_what_to_set(ray_session, captioned):
 
     with pytest.raises(StageInputError, match="caption.model"):
         run_pipeline(_config("caption.model=null"), str(captioned), stages=["caption"])
+
+
+def test_caption_match_scores_captions_against_clip_embeddings(ray_session, sample_videos, tmp_path):
+    """With the filter's (tiny) CLIP model on, each caption gets a text-video cosine; a threshold rejects."""
+    import numpy as np
+
+    from pipeline.stages.filter import clip_scorer_from_config
+
+    root, _truth = sample_videos
+    cfg = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off"])
+    out = tmp_path / "matched"
+    run_pipeline(cfg, str(out), inputs=[str(root)])
+    clips = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
+    assert clips
+    scorer = clip_scorer_from_config(cfg)
+    expected = scorer.caption_match(
+        [c["caption"] for c in clips], [np.asarray(c["clip_embedding"], np.float32) for c in clips]
+    )
+    assert [c["score_caption_match"] for c in clips] == pytest.approx(expected.tolist(), abs=1e-4)
+    strict = load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        ["ray.progress=off", f"caption.min_caption_match={float(max(expected)) + 1e-3}"],
+    )
+    run_pipeline(strict, str(out), stages=["caption"])
+    again = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
+    assert again and all(c["reject_reason"] == "caption_mismatch" for c in again)
