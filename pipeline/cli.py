@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="captioned corpus to draw few-shot examples from and compare styles with")
     p.add_argument("--model", help="override upsample.model")
 
+    p = sub.add_parser("manifest", help="inspect and check a corpus's manifest and shards")
+    msub = p.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
+    val = msub.add_parser("validate", help="check every shard against the manifest; exit 1 on any mismatch")
+    val.add_argument("output", help="corpus directory or URI")
+    val.add_argument("--quick", action="store_true", help="skip loading every sample (sizes, hashes, keys only)")
+    show = msub.add_parser("show", help="print rows of a table")
+    show.add_argument("output")
+    show.add_argument("table", choices=["videos", "clips", "captions", "samples", "shards", "rejects"])
+    show.add_argument("--columns", help="comma-separated columns")
+    show.add_argument("--limit", type=int, default=20)
+
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config with every default filled in")
@@ -165,6 +176,27 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    if args.manifest_command == "validate":
+        from pipeline.shards.validate import validate_corpus
+
+        problems = validate_corpus(args.output, check_samples=not args.quick)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        if problems:
+            print(f"recap: manifest validate: {len(problems)} problem(s) in {args.output}", file=sys.stderr)
+            return 1
+        print(f"{args.output}: every shard matches the manifest")
+        return 0
+    from pipeline import manifest
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    table = manifest.read_table(args.output, args.table, columns=columns)
+    print(table.slice(0, args.limit).to_pandas().to_string(max_colwidth=60))
+    print(f"({min(args.limit, table.num_rows)} of {table.num_rows} rows)")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -205,6 +237,7 @@ _HANDLERS = {
     "filter": _cmd_filter,
     "caption": _cmd_stage,
     "upsample": _cmd_upsample,
+    "manifest": _cmd_manifest,
     "config": _cmd_config,
     "samples": _cmd_samples,
     "quickstart": _cmd_quickstart,

@@ -177,7 +177,35 @@ CAPTIONS_TABLE_SCHEMA = pa.schema(
     ]
 )
 
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # = clip_id: the WebDataset __key__
+        ("shard", pa.string()),  # shard file name
+        ("caption", pa.string()),
+        ("latent_shape", pa.list_(pa.int32())),  # (C, T, H, W)
+        ("latent_dtype", pa.string()),
+        ("vae", pa.string()),
+        ("num_frames", pa.int32()),
+        ("frame_stride", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("bytes", pa.int64()),  # of the sample's tar members
+    ]
+)
+
+SHARDS_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("num_samples", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("bucket", pa.string()),  # latent shape the shard holds, e.g. "32x5x32x56"
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
+    "samples": SAMPLES_SCHEMA,
+    "shards": SHARDS_SCHEMA,
     "captions": CAPTIONS_TABLE_SCHEMA,
     "videos": VIDEOS_SCHEMA,
     "clips": CLIPS_SCHEMA,

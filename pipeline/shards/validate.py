@@ -1,0 +1,117 @@
+"""Check a corpus's shards against its manifest: presence, size, sha256, members, every sample loadable.
+
+Returns a list of precise problems (empty when the corpus is sound); `recap manifest validate` exits
+non-zero when there is any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from pipeline import manifest
+
+REQUIRED_MEMBERS = ("latent.npy", "txt", "json")
+
+
+def _shard_dir(out: str) -> tuple[Any, str]:
+    return fsspec.core.url_to_fs(f"{out.rstrip('/')}/shards")
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext
+
+
+def validate_corpus(out: str, check_samples: bool = True) -> list[str]:
+    problems: list[str] = []
+    if not manifest.table_exists(out, "shards"):
+        return [f"{out}: no shards table in the manifest"]
+    shards = manifest.read_table(out, "shards").to_pylist()
+    samples = manifest.read_table(out, "samples").to_pylist() if manifest.table_exists(out, "samples") else []
+    fs, shard_dir = _shard_dir(out)
+    present = {p.rsplit("/", 1)[-1] for p in fs.ls(shard_dir, detail=False)} if fs.exists(shard_dir) else set()
+    listed = {s["shard"] for s in shards}
+    for name in sorted(present - listed):
+        problems.append(f"shards/{name}: file not in the manifest (unknown or left over from a crash)")
+    key_counts = Counter(s["key"] for s in samples)
+    for key, n in sorted(key_counts.items()):
+        if n > 1:
+            problems.append(f"samples: key {key} listed {n} times")
+    expected_keys: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in samples:
+        expected_keys.setdefault(s["shard"], {})[s["key"]] = s
+    seen_keys: Counter[str] = Counter()
+    for shard in shards:
+        name = shard["shard"]
+        if name not in present:
+            problems.append(f"shards/{name}: missing")
+            continue
+        path = f"{shard_dir}/{name}"
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+        if len(data) != shard["bytes"]:
+            problems.append(f"shards/{name}: {len(data)} bytes, manifest says {shard['bytes']}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            problems.append(f"shards/{name}: sha256 {digest[:12]}…, manifest says {shard['sha256'][:12]}…")
+        problems += _check_members(name, data, shard, expected_keys.get(name, {}), seen_keys, check_samples)
+    for key, n in sorted(seen_keys.items()):
+        if n > 1:
+            problems.append(f"key {key} appears in {n} shards")
+    return problems
+
+
+def _check_members(
+    name: str,
+    data: bytes,
+    shard: dict[str, Any],
+    expected: dict[str, dict[str, Any]],
+    seen_keys: Counter[str],
+    check_samples: bool,
+) -> list[str]:
+    problems: list[str] = []
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split_member(info.name)
+                fh = tar.extractfile(info)
+                members.setdefault(key, {})[ext] = fh.read() if fh else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        return [f"shards/{name}: not a readable tar ({exc})"]
+    if len(members) != shard["num_samples"]:
+        problems.append(f"shards/{name}: {len(members)} samples, manifest says {shard['num_samples']}")
+    for key in sorted(set(expected) - set(members)):
+        problems.append(f"shards/{name}: sample {key} listed in the manifest is missing")
+    for key in sorted(set(members) - set(expected)):
+        problems.append(f"shards/{name}: sample {key} is not in the samples table")
+    for key, parts in sorted(members.items()):
+        seen_keys[key] += 1
+        missing = [m for m in REQUIRED_MEMBERS if m not in parts]
+        if missing:
+            problems.append(f"shards/{name}: sample {key} lacks {', '.join(missing)}")
+            continue
+        if not check_samples:
+            continue
+        try:
+            latent = np.load(io.BytesIO(parts["latent.npy"]), allow_pickle=False)
+            json.loads(parts["json"])
+            parts["txt"].decode("utf-8")
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            problems.append(f"shards/{name}: sample {key} does not load ({exc})")
+            continue
+        row = expected.get(key)
+        if row is not None and list(latent.shape) != list(row["latent_shape"]):
+            problems.append(f"shards/{name}: sample {key} latent {latent.shape}, manifest says {row['latent_shape']}")
+    return problems
