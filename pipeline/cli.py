@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.add_argument("--output", "-o", required=True, help="corpus with a clips table (after split/filter)")
 
+    p = sub.add_parser("encode", help="encode passing clips to VAE latents and write WebDataset shards")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.add_argument("--output", "-o", required=True, help="corpus with a clips table")
+
     p = sub.add_parser("upsample", help="rewrite short prompts as long captions in the corpus's caption style")
     _add_config_args(p)
     p.add_argument("prompts", nargs="+", help="short prompts, e.g. 'a corgi surfing'")
@@ -237,6 +242,7 @@ _HANDLERS = {
     "filter": _cmd_filter,
     "caption": _cmd_stage,
     "upsample": _cmd_upsample,
+    "encode": _cmd_stage,
     "manifest": _cmd_manifest,
     "config": _cmd_config,
     "samples": _cmd_samples,

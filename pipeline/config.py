@@ -259,6 +259,27 @@ class CaptionConfig(_Section):
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
 
 
+class EncodeConfig(_Section):
+    vae: str = Field(
+        "../shared/data/models/taef2",
+        description="a TAESD-format directory (*_encoder.pth, *_decoder.pth) or recap-tiny:taesd",
+    )
+    vae_fallback: str | None = Field(
+        None, description="used when `vae` is a path that does not exist (the smoke config: recap-tiny:taesd)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    target_area: int = Field(256 * 448, ge=64 * 64, description="pixels per frame; buckets keep it per aspect ratio")
+    multiple: int = Field(16, ge=8, description="bucket sides are multiples of this (VAE factor x patch size)")
+    num_frames: int = Field(17, ge=1, description="frames per sample, at most (on the VAE's frame grid)")
+    target_fps: float | None = Field(None, gt=0, description="sample frames at about this rate; null: every frame")
+    temporal_factor: int = Field(1, ge=1, description="the VAE's temporal compression (1 for image VAEs)")
+    frames_per_batch: int = Field(16, ge=1)
+    shard_max_bytes: int = Field(1 << 30, ge=1 << 16)
+    shard_max_count: int = Field(10_000, ge=1)
+    prep_resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=4))
+
+
 class UpsampleConfig(_Section):
     model: str = Field("recap-tiny:text_lm", description="causal LM by hub id or local path")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -279,6 +300,7 @@ class RecapConfig(_Section):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     upsample: UpsampleConfig = Field(default_factory=UpsampleConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

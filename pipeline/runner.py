@@ -28,7 +28,7 @@ from pipeline.stages.split import SPLIT_RESULT_SCHEMA, SplitStage, clip_rows_fro
 log = logging.getLogger("recap")
 
 STAGE_ORDER = ("ingest", "split", "filter", "caption", "encode")
-AVAILABLE_STAGES = ("ingest", "split", "filter", "caption")
+AVAILABLE_STAGES = ("ingest", "split", "filter", "caption", "encode")
 
 
 @dataclass
@@ -299,6 +299,8 @@ def run_pipeline(
                 results.append(run_filter(config, output, dry_run=dry_run))
             elif stage == "caption":
                 results.append(run_caption(config, output))
+            elif stage == "encode":
+                results.append(run_encode(config, output))
     return results
 
 
@@ -779,5 +781,103 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
             "caption_model": cfg.model,
             "caption_prompt_version": prompt.version_id,
         },
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# encode + shards
+
+
+def _sample_meta(clip: dict[str, Any], latent_row: dict[str, Any]) -> dict[str, Any]:
+    """KEY.json: the clip's ids, source, times, scores and caption model, plus how its latent was made."""
+    keep = {k: v for k, v in clip.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    keep.update(
+        frame_indices=latent_row["frame_indices"],
+        frame_stride=latent_row["frame_stride"],
+        resize={"height": latent_row["height"], "width": latent_row["width"], "mode": "resize+center_crop"},
+        vae=latent_row["vae"],
+        vae_sha256=latent_row["vae_sha256"],
+        vae_scaling_factor=1.0,
+        latent_dtype="float16",
+    )
+    return keep
+
+
+def run_encode(config: RecapConfig, output: str) -> StageResult:
+    """Encode every passing (and, when captioned, captioned) clip and write shards plus samples/shards tables."""
+    import io
+
+    import numpy as np
+    import ray.data
+
+    from pipeline.schema import RejectReason
+    from pipeline.shards.writer import write_corpus_shards
+    from pipeline.stages.encode import EncodeModelStage, EncodePrepStage
+
+    start = time.monotonic()
+    cfg = config.encode
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
+    clips = manifest.read_table(output, "clips")
+    mask = pc.equal(clips.column("passed"), True)
+    if "caption" in clips.column_names:
+        mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
+    todo = clips.filter(mask)
+    by_id = {r["clip_id"]: r for r in todo.to_pylist()}
+    progress = _progress(config, "encode", todo.num_rows, "clips")
+    reject_rows: list[dict[str, Any]] = []
+    vae_info: dict[str, str] = {}
+
+    def samples():
+        if not todo.num_rows:
+            return
+        cols = ["clip_id", "uri", "start_frame", "end_frame", "start_s", "fps"]
+        ds = ray.data.from_arrow(todo.select(cols), override_num_blocks=min(todo.num_rows, 1000))
+        ds = _map_stage(ds, EncodePrepStage, cfg.prep_resources, (config.to_dict(),))
+        ds = _map_stage(ds, EncodeModelStage, cfg.resources, (config.to_dict(),))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                clip = by_id[row["clip_id"]]
+                vae_info.setdefault("vae", row["vae"])
+                vae_info.setdefault("vae_sha256", row["vae_sha256"])
+                if row["error"]:
+                    reject_rows.append(
+                        {
+                            "stage": "encode",
+                            "item_id": row["clip_id"],
+                            "uri": clip["uri"],
+                            "reason": RejectReason.ENCODE_ERROR.value,
+                            "detail": row["error"],
+                        }
+                    )
+                    continue
+                latent = np.load(io.BytesIO(row["latent"]), allow_pickle=False)
+                yield {
+                    "key": row["clip_id"],
+                    "latent": latent,
+                    "caption": clip.get("caption") or "",
+                    "meta": _sample_meta(clip, row),
+                    "row": {
+                        "vae": row["vae"],
+                        "num_frames": len(row["frame_indices"]),
+                        "frame_stride": row["frame_stride"],
+                        "height": row["height"],
+                        "width": row["width"],
+                    },
+                }
+            progress.update(batch.num_rows, rejected=sum(1 for e in batch.column("error").to_pylist() if e))
+
+    counts = write_corpus_shards(output, samples(), max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count)
+    progress.close()
+    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="encode")
+    result = StageResult(
+        "encode",
+        time.monotonic() - start,
+        counts={"clips": todo.num_rows, **counts, "rejected": len(reject_rows)},
+        rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
+    )
+    manifest.update_run_json(
+        output, config.to_dict(), "encode", {"seconds": result.seconds, "counts": result.counts, **vae_info}
     )
     return result

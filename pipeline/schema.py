@@ -51,6 +51,7 @@ class RejectReason(enum.StrEnum):
     CAPTION_TRUNCATED = "caption_truncated"
     CAPTION_NO_FRAMES = "caption_no_frames"  # the clip's frames could not be decoded for captioning
     CAPTION_MISMATCH = "caption_mismatch"  # score_caption_match below caption.min_caption_match
+    ENCODE_ERROR = "encode_error"  # frames could not be prepared or encoded
 
 
 # score name -> (reason when below its min, reason when above its max). The order is the order in which

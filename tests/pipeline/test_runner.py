@@ -108,5 +108,5 @@ def test_real_videos_through_ray(ray_session, videos_dir, smoke_config, tmp_path
 def test_split_without_ingest_says_what_to_do(ray_session, smoke_config, tmp_path):
     with pytest.raises(StageInputError, match="recap ingest"):
         run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["split"])
-    with pytest.raises(ValueError, match="not built yet"):
-        run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["encode"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["train"])

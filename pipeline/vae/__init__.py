@@ -1,0 +1,1 @@
+"""VAE backends that turn frames into latents and back."""

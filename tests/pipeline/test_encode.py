@@ -1,0 +1,95 @@
+"""Encoding with the real TAEF2 weights and the encode stage end to end into validated shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import EncodeConfig, load_config
+from pipeline.runner import run_pipeline
+from pipeline.stages.encode import prepare_clip
+from pipeline.vae.taesd import build_decoder, build_encoder, load_taesd
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def taef2(shared_dir):
+    root = shared_dir / "data" / "models" / "taef2"
+    return load_taesd(root / "taef2_encoder.pth", root / "taef2_decoder.pth")
+
+
+@pytest.fixture(scope="module")
+def prepared(videos_dir) -> np.ndarray:
+    """Two real frames through the stage's own preparation (seek, stride, bucket 256x448, crop)."""
+    # Frames 420 and 450: textured footage after the fade-in that ends near 409 (not black frames).
+    row = {
+        "uri": str(videos_dir / "testvideo.mp4"),
+        "start_frame": 420,
+        "end_frame": 540,
+        "start_s": 420 * 1001 / 30000,
+        "fps": 30000 / 1001,
+    }
+    cfg = EncodeConfig(target_area=256 * 448, num_frames=2, target_fps=1.0).model_dump(mode="json")
+    out = prepare_clip(row, cfg)
+    assert out["frame_indices"] == [420, 450] and out["frame_stride"] == 30
+    return np.frombuffer(out["frames"], np.uint8).reshape(out["frames_shape"])
+
+
+def _psnr(model, frames: np.ndarray) -> float:
+    x = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        latents = model.encode(x)
+        assert latents.shape == (x.shape[0], model.latent_channels, x.shape[2] // 8, x.shape[3] // 8)
+        y = model.decode(latents)
+    return float(10 * torch.log10(1 / torch.mean((y - x) ** 2)))
+
+
+def test_taef2_reconstructs_real_frames(taef2, prepared):
+    assert prepared.shape == (2, 256, 448, 3)
+    assert prepared.std() > 20  # real picture content
+    assert taef2.latent_channels == 32
+    assert _psnr(taef2, prepared) >= 28.0
+
+
+def test_random_weights_of_the_same_architecture_do_not(prepared, shared_dir):
+    state = torch.load(shared_dir / "data" / "models" / "taef2" / "taef2_encoder.pth", weights_only=True)
+    pools = {int(k.split(".")[0]) for k in state if ".pool." in k}
+    torch.manual_seed(0)
+    from pipeline.vae.taesd import TinyAutoencoder
+
+    random_model = TinyAutoencoder(build_encoder(32, pools), build_decoder(32, {3, 4, 5}), 32).eval()
+    assert _psnr(random_model, prepared) < 15.0
+
+
+def test_encode_stage_writes_valid_shards(ray_session, videos_dir, tmp_path):
+    from pipeline.shards.validate import validate_corpus
+
+    cfg = load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        ["ray.progress=off", f"encode.vae={videos_dir.parent / 'models' / 'taef2'}"],
+    )
+    out = tmp_path / "encoded"
+    results = run_pipeline(
+        cfg, str(out), inputs=[str(videos_dir / "issue-134-rotate.mp4")], stages=["ingest", "split", "encode"]
+    )
+    assert results[-1].counts["samples"] == 3  # one per scene: cuts at 90 and 210, all >= min_clip_s
+    assert validate_corpus(str(out)) == []
+    run = json.loads((out / "manifest" / "run.json").read_text())
+    assert run["stages"]["encode"]["vae"] == "taesd:taef2" and len(run["stages"]["encode"]["vae_sha256"]) == 64
+    [shard] = sorted((out / "shards").glob("shard-*.tar"))
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    keys = sorted({name.split(".")[0] for name in members})
+    for key in keys:
+        latent = np.load(io.BytesIO(members[f"{key}.latent.npy"]), allow_pickle=False)
+        meta = json.loads(members[f"{key}.json"])
+        assert latent.dtype == np.float16 and latent.shape[0] == 32 and latent.shape[1] == len(meta["frame_indices"])
+        assert meta["frame_indices"][0] == meta["start_frame"] and meta["clip_id"] == key
+        assert latent.shape[2:] == (meta["resize"]["height"] // 8, meta["resize"]["width"] // 8)
