@@ -13,8 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.schema import RejectReason
-from pipeline.video.decode import VideoRejected, open_video
-from pipeline.video.isolation import heartbeat
+from pipeline.video.decode import VideoRejected, decode_from, open_video
 
 
 def sample_times(
@@ -51,19 +50,9 @@ def read_clip_frames(
     times: list[float] = []
     try:
         with open_video(uri) as container:
-            stream = container.streams.video[0]
-            stream.thread_count = 1
-            tb = stream.time_base
-            if tb and start_s > 0:
-                container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)
             pending = 0
             last: Any = None
-            for frame in container.decode(stream):
-                t = float(frame.pts * tb) if frame.pts is not None and tb else None
-                if t is None:
-                    continue
-                if t < start_s - 1e-6:  # decoded from the keyframe before the clip: not part of it
-                    continue
+            for frame, t in decode_from(container, start_s):
                 if t >= end_s:
                     break
                 # Take the latest frame at or before each target time.
@@ -74,8 +63,6 @@ def read_clip_frames(
                 last = (frame, t)
                 if pending >= len(targets):
                     break
-                if len(times) % 8 == 0:
-                    heartbeat()
             while last is not None and pending < len(targets):
                 frames.append(resize_to(last[0].to_ndarray(format="rgb24"), max_side))
                 times.append(last[1])

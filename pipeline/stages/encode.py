@@ -18,9 +18,8 @@ import pyarrow as pa
 from pipeline.config import EncodeConfig, RecapConfig
 from pipeline.schema import RejectReason
 from pipeline.stages.common import IsolatedStage, rows_of
-from pipeline.video.decode import VideoRejected, open_video
+from pipeline.video.decode import VideoRejected, decode_from, open_video
 from pipeline.video.frames import frame_positions, make_buckets, nearest_bucket, resize_center_crop
-from pipeline.video.isolation import heartbeat
 
 PREP_SCHEMA = pa.schema(
     [
@@ -55,25 +54,12 @@ def read_frames_at(uri: str, start_frame: int, start_s: float, positions: list[i
     last = max(positions)
     out: dict[int, np.ndarray] = {}
     with open_video(uri) as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        tb = stream.time_base
-        if tb and start_s > 0:
-            container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)
-        index = None
-        for frame in container.decode(stream):
-            t = float(frame.pts * tb) if frame.pts is not None and tb else None
-            if index is None:
-                if t is None or t < start_s - 1e-6:
-                    continue  # before the clip: decoded only to reach it from the keyframe
-                index = start_frame
+        # The first frame at or after start_s is start_frame; count decoded frames from there.
+        for index, (frame, _t) in enumerate(decode_from(container, start_s), start=start_frame):
             if index in wanted:
                 out[index] = frame.to_ndarray(format="rgb24")
             if index >= last:
                 break
-            index += 1
-            if index % 16 == 0:
-                heartbeat()
     return out
 
 
@@ -173,7 +159,7 @@ class EncodeModelStage:
                 out.append({**base, "error": row.get("prep_error") or "no frames"})
                 continue
             shape = tuple(row["frames_shape"])
-            frames = np.frombuffer(row["frames"], np.uint8).reshape(shape)
+            frames = np.frombuffer(row["frames"], np.uint8).reshape(shape).copy()  # torch wants writable memory
             latent = self.encode_frames(frames)
             buf = io.BytesIO()
             np.save(buf, latent, allow_pickle=False)

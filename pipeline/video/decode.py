@@ -226,3 +226,25 @@ def iter_analysis_frames(
         yield AnalysisFrame(index, time_s, image)
         if index % 32 == 31:
             heartbeat()
+
+
+def decode_from(container: Any, start_s: float) -> Iterator[tuple[Any, float]]:
+    """(frame, presentation time) from `start_s` on: one seek to the keyframe before it, then decode.
+
+    Frames decoded between that keyframe and `start_s` belong to the previous clip and are skipped;
+    frames without a timestamp cannot be placed and are skipped too.
+    """
+    stream = container.streams.video[0]
+    stream.thread_count = 1
+    tb = stream.time_base
+    if tb and start_s > 0:
+        container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)
+    for count, frame in enumerate(container.decode(stream)):
+        if frame.pts is None or not tb:
+            continue
+        t = float(frame.pts * tb)
+        if t < start_s - 1e-6:
+            continue
+        yield frame, t
+        if count % 16 == 15:
+            heartbeat()
