@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     val = msub.add_parser("validate", help="check every shard against the manifest; exit 1 on any mismatch")
     val.add_argument("output", help="corpus directory or URI")
     val.add_argument("--quick", action="store_true", help="skip loading every sample (sizes, hashes, keys only)")
+    stats = msub.add_parser("stats", help="the funnel, rejects by reason, score quantiles, hours, shard sizes")
+    stats.add_argument("output")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     show = msub.add_parser("show", help="print rows of a table")
     show.add_argument("output")
     show.add_argument("table", choices=["videos", "clips", "captions", "samples", "shards", "rejects"])
@@ -195,6 +198,25 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
         return 0
     from pipeline import manifest
 
+    if args.manifest_command == "stats":
+        import json
+
+        stats = manifest.corpus_stats(args.output)
+        if args.json:
+            print(json.dumps(stats, indent=2))
+            return 0
+        print("funnel: " + " -> ".join(f"{k} {v:,}" for k, v in stats["funnel"].items()))
+        print("hours:  " + ", ".join(f"{k} {v:.2f}" for k, v in stats["hours"].items()))
+        for key, count in sorted(stats["rejects"].items(), key=lambda kv: -kv[1]):
+            print(f"  rejected {key}: {count}")
+        for name, q in {
+            **stats["scores"],
+            "caption_words": stats.get("caption_words", {}),
+            "shard_bytes": stats.get("shard_bytes", {}),
+        }.items():
+            if q:
+                print(f"  {name:<22} " + "  ".join(f"{k} {v:.3g}" for k, v in q.items()))
+        return 0
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
     table = manifest.read_table(args.output, args.table, columns=columns)
     print(table.slice(0, args.limit).to_pandas().to_string(max_colwidth=60))

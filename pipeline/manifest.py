@@ -179,3 +179,41 @@ def update_run_json(out: str, config: dict[str, Any], stage: str, info: dict[str
         json.dump(run, fh, indent=2, sort_keys=True)
     fs.mv(tmp, path)
     return run
+
+
+def _quantiles(values: list[float], qs: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dict[str, float]:
+    import numpy as np
+
+    clean = [v for v in values if v is not None and v == v]
+    if not clean:
+        return {}
+    return {f"p{int(q * 100)}": float(np.quantile(clean, q)) for q in qs}
+
+
+def corpus_stats(out: str) -> dict[str, Any]:
+    """The funnel (videos -> clips -> passed -> captioned -> samples), rejects, score and size spreads."""
+    stats: dict[str, Any] = {"funnel": {}, "hours": {}, "rejects": {}, "scores": {}}
+    videos = read_table(out, "videos", columns=["status", "duration_s"]).to_pylist()
+    stats["funnel"]["videos"] = len(videos)
+    stats["funnel"]["videos_ok"] = sum(v["status"] == "ok" for v in videos)
+    stats["hours"]["videos"] = sum(v["duration_s"] or 0 for v in videos if v["status"] == "ok") / 3600
+    clip_columns = table_columns(out, "clips")
+    clips = read_table(out, "clips").to_pylist() if table_exists(out, "clips") else []
+    stats["funnel"]["clips"] = len(clips)
+    stats["funnel"]["passed"] = sum(bool(c.get("passed")) for c in clips)
+    stats["hours"]["passed_clips"] = sum(c["duration_s"] or 0 for c in clips if c.get("passed")) / 3600
+    if "caption" in clip_columns:
+        captions = [c["caption"] for c in clips if c.get("passed") and c.get("caption")]
+        stats["funnel"]["captioned"] = len(captions)
+        stats["caption_words"] = _quantiles([len(c.split()) for c in captions])
+    for name in clip_columns:
+        if name.startswith("score_"):
+            stats["scores"][name] = _quantiles([c.get(name) for c in clips])
+    if table_exists(out, "samples"):
+        stats["funnel"]["samples"] = read_table(out, "samples", columns=["key"]).num_rows
+    if table_exists(out, "shards"):
+        stats["shard_bytes"] = _quantiles(read_table(out, "shards", columns=["bytes"]).column("bytes").to_pylist())
+    for r in read_table(out, "rejects", columns=["stage", "reason"]).to_pylist():
+        key = f"{r['stage']}/{r['reason']}"
+        stats["rejects"][key] = stats["rejects"].get(key, 0) + 1
+    return stats

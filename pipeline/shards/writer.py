@@ -85,7 +85,7 @@ class _OpenShard:
         self.name = f"shard-{number:06d}.tar"
         self.bucket = bucket
         self.tmp_path = os.path.join(tmp_dir, f".{self.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.raw = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in finish()
+        self.raw = open(self.tmp_path, "wb", buffering=8 << 20)  # noqa: SIM115 - closed in finish()
         self.hashing = _HashingFile(self.raw)
         self.tar = wds.TarWriter(self.hashing, encoder=False, mtime=0.0)  # mtime 0: same bytes on re-runs
         self.count = 0

@@ -93,3 +93,24 @@ def test_encode_stage_writes_valid_shards(ray_session, videos_dir, tmp_path):
         assert latent.dtype == np.float16 and latent.shape[0] == 32 and latent.shape[1] == len(meta["frame_indices"])
         assert meta["frame_indices"][0] == meta["start_frame"] and meta["clip_id"] == key
         assert latent.shape[2:] == (meta["resize"]["height"] // 8, meta["resize"]["width"] // 8)
+
+
+def test_manifest_stats_funnel(ray_session, videos_dir, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.manifest import corpus_stats
+
+    cfg = load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        ["ray.progress=off", f"encode.vae={videos_dir.parent / 'models' / 'taef2'}"],
+    )
+    out = tmp_path / "stats"
+    run_pipeline(
+        cfg, str(out), inputs=[str(videos_dir / "issue-236-split-copy.mkv")], stages=["ingest", "split", "encode"]
+    )
+    stats = corpus_stats(str(out))
+    # 48 frames, a cut at 19: two scenes of 0.79 s and 1.21 s; smoke min_clip_s is 1.0.
+    assert stats["funnel"] == {"videos": 1, "videos_ok": 1, "clips": 2, "passed": 1, "samples": 1}
+    assert stats["rejects"] == {"split/too_short": 1}
+    assert stats["hours"]["videos"] == pytest.approx(2.0 / 3600, rel=0.05)
+    assert main(["manifest", "stats", str(out)]) == 0
+    assert "videos 1 -> videos_ok 1 -> clips 2 -> passed 1 -> samples 1" in capsys.readouterr().out
