@@ -100,10 +100,6 @@ def write_table(out: str, name: str, table: pa.Table, prefix: str, schema: pa.Sc
     return writer.rows_written
 
 
-def table_path(out: str, name: str) -> str:
-    return table_dir(out, name)
-
-
 def table_columns(out: str, name: str) -> list[str]:
     """Column names of a table as written (a stage may have added columns to it)."""
     if not table_exists(out, name):

@@ -516,7 +516,7 @@ def _previous_corpora(config: RecapConfig) -> list[str]:
             raise StageInputError(f"filter.dedup.against: {corpus!r} has no clips table")
         if "phashes" not in manifest.table_columns(corpus, "clips"):
             raise StageInputError(f"filter.dedup.against: {corpus!r} was not filtered (no phashes column)")
-        paths.append(manifest.table_path(corpus, "clips"))
+        paths.append(manifest.table_dir(corpus, "clips"))
     return paths
 
 
@@ -553,10 +553,10 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
     try:
         if dry_run and "phashes" in manifest.table_columns(output, "clips"):
             # Already scored: re-decide from the stored scores in seconds, nothing decoded.
-            scored_paths = [manifest.table_path(output, "clips")]
+            scored_paths = [manifest.table_dir(output, "clips")]
         else:
             score_clips(config, output, scratch_out)
-            scored_paths = [manifest.table_path(scratch_out, SCRATCH_SCORED)]
+            scored_paths = [manifest.table_dir(scratch_out, SCRATCH_SCORED)]
         dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
         if dry_run:
             import pyarrow.dataset as pads

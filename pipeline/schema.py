@@ -215,12 +215,6 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-def empty_table(name: str) -> pa.Table:
-    return SCHEMAS[name].empty_table()
-
-
-def table_from_rows(name: str, rows: list[dict]) -> pa.Table:
-    """Rows (dicts) to a table of the named schema; missing optional columns become null."""
-    schema = SCHEMAS[name]
-    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
-    return pa.table(columns, schema=schema)
+def table_of(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) as a table of `schema`; missing optional columns become null."""
+    return pa.table({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)

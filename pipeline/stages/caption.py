@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.schema import CAPTIONS_TABLE_SCHEMA
+from pipeline.schema import CAPTIONS_TABLE_SCHEMA, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
 
 PREP_SCHEMA = pa.schema(
@@ -125,7 +125,7 @@ class CaptionModelStage:
         return Sampling(
             max_new_tokens=c.max_new_tokens,
             temperature=temperature,
-            top_p=c.top_p if retry else c.top_p,
+            top_p=c.top_p,
             repetition_penalty=c.repetition_penalty,
             seed=1 if retry else 0,
         )
@@ -196,8 +196,7 @@ class CaptionModelStage:
                         "caption_attempts": n,
                     }
                 )
-        columns = {f.name: [r.get(f.name) for r in out] for f in CAPTIONS_SCHEMA}
-        return pa.table(columns, schema=CAPTIONS_SCHEMA)
+        return table_of(out, CAPTIONS_SCHEMA)
 
 
 MATCH_SCHEMA = pa.schema([("clip_id", pa.string()), ("score_caption_match", pa.float64())])

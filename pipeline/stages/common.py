@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from pipeline.config import RecapConfig
-from pipeline.schema import RejectReason
+from pipeline.schema import RejectReason, table_of
 from pipeline.video.isolation import IsolatedWorker, JobOutcome
 
 REJECT_KEY = "__reject__"
@@ -92,8 +92,7 @@ class IsolatedStage:
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
         rows = [self.process_row(row) for row in rows_of(batch)]
-        columns = {f.name: [r.get(f.name) for r in rows] for f in self.output_schema}
-        return pa.table(columns, schema=self.output_schema)
+        return table_of(rows, self.output_schema)
 
     def close(self) -> None:
         if self._worker is not None:

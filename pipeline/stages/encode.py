@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EncodeConfig, RecapConfig
-from pipeline.schema import RejectReason
+from pipeline.schema import RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
 from pipeline.video.decode import VideoRejected, decode_from, open_video
 from pipeline.video.frames import frame_positions, make_buckets, nearest_bucket, resize_center_crop
@@ -172,5 +172,4 @@ class EncodeModelStage:
                     "width": shape[2],
                 }
             )
-        columns = {f.name: [r.get(f.name) for r in out] for f in LATENT_SCHEMA}
-        return pa.table(columns, schema=LATENT_SCHEMA)
+        return table_of(out, LATENT_SCHEMA)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import FilterConfig, RecapConfig
-from pipeline.schema import FILTERED_CLIPS_SCHEMA, SCORE_REJECT_REASONS, RejectReason
+from pipeline.schema import FILTERED_CLIPS_SCHEMA, SCORE_REJECT_REASONS, RejectReason, table_of
 from pipeline.scoring.dedup import phash64
 from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import score_cut_inside, score_frozen, score_motion
@@ -64,9 +64,6 @@ class _ClipFrames:
         self.grey: dict[int, np.ndarray] = {}
         self.bgr: dict[int, np.ndarray] = {}
         self.rgb: dict[int, np.ndarray] = {}
-
-    def needs(self, index: int) -> bool:
-        return index in self.grey or index in self.partners or index in self.positions
 
 
 def _convert(frame: Any, width: int, want_rgb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -221,8 +218,7 @@ class FilterScoreStage(IsolatedStage):
         out: list[dict[str, Any]] = []
         for row in rows_of(batch):
             out.extend(self.process_video(row))
-        columns = {f.name: [r.get(f.name) for r in out] for f in self.output_schema}
-        return pa.table(columns, schema=self.output_schema)
+        return table_of(out, self.output_schema)
 
     def process_video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         clips = json.loads(row["clips_json"])
@@ -290,5 +286,4 @@ class ClipModelStage:
             for key in ("score_aesthetic", "score_nsfw", "score_watermark"):
                 if scores.get(key) is not None:
                     row[key] = float(scores[key])
-        columns = {f.name: [r.get(f.name) for r in rows] for f in self.output_schema}
-        return pa.table(columns, schema=self.output_schema)
+        return table_of(rows, self.output_schema)

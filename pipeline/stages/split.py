@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.config import RecapConfig, SplitConfig
 from pipeline.scenes.detectors import Scene, build_detector
-from pipeline.schema import CLIPS_SCHEMA, RejectReason, make_clip_id
+from pipeline.schema import RejectReason, make_clip_id
 from pipeline.stages.common import IsolatedStage
 from pipeline.video.decode import VideoRejected, iter_analysis_frames, open_video
 
@@ -206,6 +206,3 @@ def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
     for text in results.column("clips_json").to_pylist():
         rows.extend(json.loads(text or "[]"))
     return rows
-
-
-CLIP_COLUMNS = tuple(CLIPS_SCHEMA.names)
