@@ -15,7 +15,6 @@ from pathlib import Path
 # Bump when what a builder writes changes: ensure_tiny_model() rebuilds caches with another version.
 FORMAT_VERSION = 1
 MARKER_NAME = "recap_tiny_model.json"
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "text_lm")
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -307,11 +306,39 @@ def _write_text_lm(out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _write_text_encoder(out: Path, seed: int) -> None:
+    """A tiny T5 encoder (AutoModelForTextEncoding / AutoTokenizer): caption embeddings for text_emb.npy."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _build_tokenizer(CHAT_TEMPLATE)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    model = _seeded_model(T5EncoderModel, config, seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 _WRITERS: dict[str, Callable[[Path, int], None]] = {
     "qwen2_5_vl": _write_qwen2_5_vl,
     "qwen3_vl": _write_qwen3_vl,
     "text_lm": _write_text_lm,
+    "text_encoder": _write_text_encoder,
 }
+FAMILIES = tuple(_WRITERS)
+
+
+def register_family(family: str, writer: Callable[[Path, int], None]) -> None:
+    """Add a tiny-model family built elsewhere (e.g. pipeline.vae.tiny's VAEs) to the same cache machinery."""
+    _WRITERS[family] = writer
 
 
 def _write_marker(out: Path, family: str, seed: int) -> None:
@@ -341,7 +368,7 @@ def _is_current(model_dir: Path, family: str) -> bool:
 def _build_in_temp(out_dir: Path, family: str, seed: int) -> Path:
     """Build `family` into a fresh temporary sibling of `out_dir` (marker written last); return that dir."""
     if family not in _WRITERS:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(_WRITERS)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
@@ -436,7 +463,7 @@ def ensure_tiny_model(cache_dir: str | Path | None = None, family: str = "qwen2_
     own temp dir and renames it into place; one that finds a current model already there discards its own.
     """
     if family not in _WRITERS:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(_WRITERS)}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache.absolute() / family
     if _is_current(target, family):

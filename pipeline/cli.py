@@ -6,6 +6,8 @@ Heavy modules (Ray, PyAV, torch) are imported inside the handlers so `recap --he
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +27,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run stages that already ran with other settings (later stages are marked for re-running); "
+        "without it a changed config is refused and a re-run resumes where the last one stopped",
+    )
 
 
 def _stage_list(text: str) -> list[str]:
@@ -93,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("output")
     show.add_argument("table", choices=["videos", "clips", "captions", "samples", "shards", "rejects"])
     show.add_argument("--columns", help="comma-separated columns")
+    show.add_argument(
+        "--where", help='row filter (pandas query), e.g. "passed and score_motion > 2" or "reason == \'too_short\'"'
+    )
     show.add_argument("--limit", type=int, default=20)
+    one = msub.add_parser("sample", help="one sample's caption and metadata; --write decodes its latents to a file")
+    one.add_argument("output")
+    one.add_argument("key", help="the sample key (= clip_id)")
+    one.add_argument("--write", metavar="PATH", help="write the decoded frames: .mp4 video or .png/.jpg frame grid")
+    one.add_argument("--device", default="cpu", help="device for the VAE decoder (cpu, cuda)")
 
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -129,7 +145,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
-    results = run_pipeline(config, args.output, inputs=args.input, stages=args.stages, address=args.address)
+    results = run_pipeline(
+        config, args.output, inputs=args.input, stages=args.stages, address=args.address, force=args.force
+    )
     _print_summary(results, args.output)
     return 0
 
@@ -139,7 +157,9 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     config = _load(args)
     inputs = getattr(args, "input", None)
-    results = run_pipeline(config, args.output, inputs=inputs, stages=[args.command], address=args.address)
+    results = run_pipeline(
+        config, args.output, inputs=inputs, stages=[args.command], address=args.address, force=args.force
+    )
     _print_summary(results, args.output)
     return 0
 
@@ -148,7 +168,9 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
-    results = run_pipeline(config, args.output, stages=["filter"], address=args.address, dry_run=args.dry_run)
+    results = run_pipeline(
+        config, args.output, stages=["filter"], address=args.address, dry_run=args.dry_run, force=args.force
+    )
     if not args.dry_run:
         _print_summary(results, args.output)
         return 0
@@ -217,10 +239,55 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
             if q:
                 print(f"  {name:<22} " + "  ".join(f"{k} {v:.3g}" for k, v in q.items()))
         return 0
+    if args.manifest_command == "sample":
+        return _show_sample(args)
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
-    table = manifest.read_table(args.output, args.table, columns=columns)
-    print(table.slice(0, args.limit).to_pandas().to_string(max_colwidth=60))
-    print(f"({min(args.limit, table.num_rows)} of {table.num_rows} rows)")
+    frame = manifest.read_table(args.output, args.table).to_pandas()
+    total = len(frame)
+    if args.where:
+        try:
+            frame = frame.query(args.where, engine="python")
+        except Exception as exc:  # pandas raises many kinds for a bad expression: report it, not a traceback
+            print(f"recap: --where {args.where!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"  columns of {args.table}: {', '.join(frame.columns)}", file=sys.stderr)
+            return 2
+    if columns:
+        unknown = [c for c in columns if c not in frame.columns]
+        if unknown:
+            print(
+                f"recap: --columns: no {', '.join(unknown)} in {args.table}; have {', '.join(frame.columns)}",
+                file=sys.stderr,
+            )
+            return 2
+        frame = frame[columns]
+    print(frame.head(args.limit).to_string(max_colwidth=60))
+    print(f"({min(args.limit, len(frame))} of {len(frame)} matching rows; {total} in {args.table})")
+    return 0
+
+
+def _show_sample(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.shards.reader import SampleNotFound, read_sample, write_sample_preview
+
+    try:
+        sample = (
+            write_sample_preview(args.output, args.key, args.write, device=args.device)
+            if args.write
+            else read_sample(args.output, args.key)
+        )
+    except (SampleNotFound, ValueError) as exc:
+        print(f"recap: manifest sample: {exc}", file=sys.stderr)
+        return 1
+    print(f"key:     {sample['__key__']}  (shard {sample['shard']})")
+    print(f"caption: {sample.get('txt', '')}")
+    for name, value in sorted(sample.items()):
+        if name.endswith(".npy"):
+            print(f"{name:<13} {value.dtype} {tuple(value.shape)}")
+    print("metadata:")
+    print(json.dumps(sample.get("json", {}), indent=2, sort_keys=True))
+    if args.write:
+        print(f"decoded {tuple(sample['decoded_shape'])} frames -> {args.write}")
     return 0
 
 
@@ -272,6 +339,10 @@ _HANDLERS = {
 }
 
 
+# Storage failures stop a run with a message (not a traceback); committed work stays for a resume.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
@@ -289,8 +360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         raise
     except KeyboardInterrupt:
-        print("recap: interrupted", file=sys.stderr)
+        print("recap: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"recap: error: {os.strerror(exc.errno)}{where}. Nothing committed was lost: fix the storage problem "
+            "and re-run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

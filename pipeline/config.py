@@ -262,18 +262,38 @@ class CaptionConfig(_Section):
 class EncodeConfig(_Section):
     vae: str = Field(
         "../shared/data/models/taef2",
-        description="a TAESD-format directory (*_encoder.pth, *_decoder.pth) or recap-tiny:taesd",
+        description=(
+            "a TAESD-format directory (*_encoder.pth, *_decoder.pth), a diffusers VAE (AutoencoderKL, "
+            "AutoencoderKLWan, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLLTXVideo) by hub id "
+            "or local path, or recap-tiny:taesd|autoencoder_kl|wan"
+        ),
     )
+    vae_subfolder: str | None = Field(None, description="e.g. 'vae' for a whole diffusers pipeline repo")
     vae_fallback: str | None = Field(
         None, description="used when `vae` is a path that does not exist (the smoke config: recap-tiny:taesd)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the VAE's compute dtype; auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    latent_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="stored latents; bfloat16 is stored as uint16 bits (numpy has no bfloat16)"
+    )
+    store_logvar: bool = Field(
+        False, description="KL VAEs: also store the posterior log-variance (KEY.logvar.npy) to sample fresh latents"
+    )
     target_area: int = Field(256 * 448, ge=64 * 64, description="pixels per frame; buckets keep it per aspect ratio")
-    multiple: int = Field(16, ge=8, description="bucket sides are multiples of this (VAE factor x patch size)")
-    num_frames: int = Field(17, ge=1, description="frames per sample, at most (on the VAE's frame grid)")
+    multiple: int = Field(
+        16, ge=8, description="bucket sides are multiples of this and of the VAE's spatial factor (x patch size)"
+    )
+    num_frames: int = Field(17, ge=1, description="frames per sample, at most (on the VAE's frame grid 1+k*t)")
     target_fps: float | None = Field(None, gt=0, description="sample frames at about this rate; null: every frame")
-    temporal_factor: int = Field(1, ge=1, description="the VAE's temporal compression (1 for image VAEs)")
-    frames_per_batch: int = Field(16, ge=1)
+    frames_per_batch: int = Field(16, ge=1, description="frames per forward pass of an image VAE")
+    text_encoder: str | None = Field(
+        None, description="transformers text encoder (T5, CLIP text, ...) for KEY.text_emb.npy; null: none"
+    )
+    text_max_length: int = Field(256, ge=1)
+    trust_remote_code: bool = False
     shard_max_bytes: int = Field(1 << 30, ge=1 << 16)
     shard_max_count: int = Field(10_000, ge=1)
     prep_resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))

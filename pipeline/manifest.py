@@ -1,7 +1,8 @@
 """Read and write a corpus's manifest: Parquet tables (one directory each) and run.json.
 
-Part files are written under a temporary name and renamed when complete, so a reader never
-sees half a file; each stage owns the parts with its prefix and replaces them when it re-runs.
+A table is `manifest/<name>/<prefix>/part-NNNNN.parquet`: each stage owns the parts under its prefix and
+replaces them atomically (staged in a hidden directory, swapped in whole), so a crash never leaves a half
+or doubled table; `recover_tables` finishes an interrupted swap on the next run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -35,15 +37,77 @@ def run_json_path(out: str) -> str:
     return f"{out.rstrip('/')}/manifest/run.json"
 
 
-class TableWriter:
-    """Streams rows of one table into `{prefix}-NNNNN.parquet` parts of at most `part_rows` rows."""
+COMPLETE = "_COMPLETE"  # written last into a staged directory: it is whole and may be swapped in
 
-    def __init__(self, out: str, name: str, prefix: str, part_rows: int = PART_ROWS, schema: pa.Schema | None = None):
+
+def _swap_in(fs: Any, staging: str, final: str) -> None:
+    """Replace directory `final` by the complete directory `staging`: two renames, the old copy removed last.
+
+    A crash between any two steps is repaired by `recover_tables` (the complete new copy wins)."""
+    fs.pipe_file(f"{staging}/{COMPLETE}", b"")
+    parent, base = final.rsplit("/", 1)
+    old = f"{parent}/.{base}.old-{uuid.uuid4().hex[:8]}"
+    if fs.exists(final):
+        fs.mv(final, old, recursive=True)
+    fs.mv(staging, final, recursive=True)
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+
+
+def recover_tables(out: str) -> list[str]:
+    """Finish or undo table replacements a crash interrupted; returns what was repaired (for the log)."""
+    fs, root = _fs(f"{out.rstrip('/')}/manifest")
+    if not fs.exists(root):
+        return []
+    repaired: list[str] = []
+    dirs = [root] + [d for d in fs.ls(root, detail=False) if fs.isdir(d) and not d.rsplit("/", 1)[-1].startswith(".")]
+    for parent in dirs:
+        entries = [e.rsplit("/", 1)[-1] for e in fs.ls(parent, detail=False)]
+        for phase in (".new-", ".old-"):  # a complete new copy first; an old copy only if nothing replaced it
+            for entry in sorted(e for e in entries if e.startswith(".") and phase in e):
+                base = entry[1:].split(phase)[0]
+                path, final = f"{parent}/{entry}", f"{parent}/{base}"
+                if not fs.exists(path):
+                    continue
+                if phase == ".new-" and fs.exists(f"{path}/{COMPLETE}") and not fs.exists(final):
+                    fs.mv(path, final, recursive=True)
+                    repaired.append(f"{final}: completed an interrupted replacement")
+                elif phase == ".old-" and not fs.exists(final):
+                    fs.mv(path, final, recursive=True)
+                    repaired.append(f"{final}: restored the previous copy")
+                else:
+                    fs.rm(path, recursive=True)
+                    repaired.append(f"{path}: removed a partial copy")
+    return repaired
+
+
+class TableWriter:
+    """Streams rows of one table into `part-NNNNN.parquet` files of at most `part_rows` rows, in a hidden staging
+    directory swapped in at `close()`: the parts of `prefix` (or, with `replace_table`, the whole table) change at
+    once, so a crash never leaves half a table or two versions of it."""
+
+    def __init__(
+        self,
+        out: str,
+        name: str,
+        prefix: str,
+        part_rows: int = PART_ROWS,
+        schema: pa.Schema | None = None,
+        replace_table: bool = False,
+    ):
         self.name = name
         self.schema = schema if schema is not None else SCHEMAS[name]
         self.prefix = prefix
         self.part_rows = part_rows
-        self.fs, self.dir = _fs(table_dir(out, name))
+        self.fs, self.table = _fs(table_dir(out, name))
+        token = uuid.uuid4().hex[:8]
+        if replace_table:
+            parent, base = self.table.rsplit("/", 1)
+            self.staging, self.final = f"{parent}/.{base}.new-{token}", self.table
+            self.dir = f"{self.staging}/{prefix}"
+        else:
+            self.staging = self.dir = f"{self.table}/.{prefix}.new-{token}"
+            self.final = f"{self.table}/{prefix}"
         self.fs.makedirs(self.dir, exist_ok=True)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -67,36 +131,39 @@ class TableWriter:
             return
         table = pa.concat_tables(self._pending)
         self._pending, self._pending_rows = [], 0
-        final = f"{self.dir}/{self.prefix}-{self._parts:05d}.parquet"
-        tmp = f"{self.dir}/.{self.prefix}-{self._parts:05d}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
+        with self.fs.open(f"{self.dir}/part-{self._parts:05d}.parquet", "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
-        self.fs.mv(tmp, final)
         self._parts += 1
         self.rows_written += table.num_rows
 
     def close(self) -> None:
         self._flush()
+        _swap_in(self.fs, self.staging, self.final)
+
+    def abort(self) -> None:
+        if self.fs.exists(self.staging):
+            self.fs.rm(self.staging, recursive=True)
 
 
 def clear_parts(out: str, name: str, prefix: str | None = None) -> None:
-    """Remove a table's part files (only those with `prefix`, when given) and stale temporaries."""
+    """Remove a table's parts of `prefix` (the whole table when None)."""
     fs, path = _fs(table_dir(out, name))
-    if not fs.exists(path):
-        return
-    for entry in fs.ls(path, detail=False):
-        base = entry.rsplit("/", 1)[-1]
-        stem = base.lstrip(".")
-        if prefix is None or stem.startswith(prefix + "-"):
-            fs.rm(entry)
+    target = f"{path}/{prefix}" if prefix else path
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
 
 
-def write_table(out: str, name: str, table: pa.Table, prefix: str, schema: pa.Schema | None = None) -> int:
-    """Replace the parts of `name` that carry `prefix` with `table`."""
-    clear_parts(out, name, prefix)
-    writer = TableWriter(out, name, prefix, schema=schema)
-    writer.write(table)
-    writer.close()
+def write_table(
+    out: str, name: str, table: pa.Table, prefix: str, schema: pa.Schema | None = None, replace_table: bool = False
+) -> int:
+    """Replace the parts of `name` that carry `prefix` (or the whole table) with `table`, atomically."""
+    writer = TableWriter(out, name, prefix, schema=schema, replace_table=replace_table)
+    try:
+        writer.write(table)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return writer.rows_written
 
 
@@ -115,9 +182,26 @@ def remove_table(out: str, name: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _visible(path: str, root: str) -> bool:
+    return not any(part.startswith((".", "_")) for part in path[len(root) :].split("/") if part)
+
+
+def table_files(out: str, name: str) -> list[str]:
+    """The Parquet files a reader of the table sees (no staging copies, no markers), as full URIs."""
+    fs, path = _fs(table_dir(out, name))
+    if not fs.exists(path):
+        return []
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and _visible(p, path))
+    return (
+        [fs.unstrip_protocol(p) for p in files]
+        if not isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        else files
+    )
+
+
 def table_exists(out: str, name: str) -> bool:
     fs, path = _fs(table_dir(out, name))
-    return fs.exists(path) and any(p.endswith(".parquet") for p in fs.ls(path, detail=False))
+    return fs.exists(path) and any(p.endswith(".parquet") and _visible(p, path) for p in fs.find(path))
 
 
 def read_table(out: str, name: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:  # noqa: A002
@@ -159,15 +243,16 @@ def read_run_json(out: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def update_run_json(out: str, config: dict[str, Any], stage: str, info: dict[str, Any]) -> dict[str, Any]:
-    """Record a finished stage (timings, counts) and the resolved config in run.json, atomically."""
+def update_run_json(
+    out: str, config: dict[str, Any], stage: str, info: dict[str, Any], keep: bool = False
+) -> dict[str, Any]:
+    """Record a stage's state (status, timings, counts) and the resolved config in run.json, atomically
+    (`keep`: store `info` as given, without a new timestamp)."""
     run = read_run_json(out)
     run["config"] = config
     run["versions"] = package_versions()
-    run.setdefault("stages", {})[stage] = {
-        **info,
-        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    run.setdefault("stages", {})[stage] = info if keep else {**info, "updated_at": now}
     fs, path = _fs(run_json_path(out))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = path + ".tmp"

@@ -7,6 +7,7 @@ results arrive, and prints progress. Stage logic itself lives in `pipeline.stage
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,11 +22,13 @@ from pipeline.config import RecapConfig, Resources
 from pipeline.errors import StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.progress import StageProgress
-from pipeline.schema import REJECTS_SCHEMA, VIDEOS_SCHEMA, VideoStatus
+from pipeline.resume import UPSTREAM, RunState, StageCheckpoint, fingerprint, stage_settings
+from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, VideoStatus
 from pipeline.stages.ingest import IngestStage, mark_duplicates
 from pipeline.stages.split import SPLIT_RESULT_SCHEMA, SplitStage, clip_rows_from_results
 
 log = logging.getLogger("recap")
+
 
 STAGE_ORDER = ("ingest", "split", "filter", "caption", "encode")
 AVAILABLE_STAGES = ("ingest", "split", "filter", "caption", "encode")
@@ -37,11 +40,19 @@ class StageResult:
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # more for run.json (caption version, VAE, ...)
+    skipped: bool = False  # finished by an earlier run with the same settings
+    resumed: int = 0  # work items an earlier, interrupted run had already committed
 
     def summary_line(self) -> str:
         counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         rejects = ", ".join(f"{k} {v}" for k, v in sorted(self.rejects_by_reason.items())) or "none"
-        return f"{self.stage:<7} {self.seconds:7.1f}s  {counts}; rejects: {rejects}"
+        note = (
+            " (done earlier, skipped)"
+            if self.skipped
+            else (f" (resumed: {self.resumed:,} done before)" if self.resumed else "")
+        )
+        return f"{self.stage:<7} {self.seconds:7.1f}s  {counts}; rejects: {rejects}{note}"
 
 
 class RaySession:
@@ -127,23 +138,39 @@ def _progress(config: RecapConfig, stage: str, total: int, unit: str, rate: str 
     )
 
 
-def run_ingest(config: RecapConfig, inputs: list[str], output: str, uris: list[str] | None = None) -> StageResult:
+def _checkpoint(output: str, stage: str, checkpoint: StageCheckpoint | None) -> StageCheckpoint:
+    """The run's checkpoint, or (a stage function called on its own) a fresh one for this call."""
+    return checkpoint if checkpoint is not None else StageCheckpoint(output, stage, f"direct-{time.time_ns()}")
+
+
+def run_ingest(
+    config: RecapConfig,
+    inputs: list[str],
+    output: str,
+    uris: list[str] | None = None,
+    checkpoint: StageCheckpoint | None = None,
+) -> StageResult:
     """Find input files, hash and probe each on Ray, write the `videos` table and ingest rejects."""
     import ray.data
 
     start = time.monotonic()
     if uris is None:
         uris = discover_inputs(inputs, config.ingest.extensions)
-    progress = _progress(config, "ingest", len(uris), "files")
-    rows: list[dict[str, Any]] = []
-    if uris:
-        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 1000))
+    checkpoint = _checkpoint(output, "ingest", checkpoint)
+    done = checkpoint.done("uri")
+    todo = [u for u in uris if u not in done]
+    progress = _progress(config, "ingest", len(todo), "files")
+    if todo:
+        ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=min(len(todo), 1000))
         ds = _map_stage(ds, IngestStage, config.ingest.resources, (config.to_dict(),))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            batch_rows = batch.to_pylist()
-            rows.extend(batch_rows)
-            progress.update(len(batch_rows), rejected=sum(r["status"] != "ok" for r in batch_rows))
+            checkpoint.commit(batch)
+            statuses = batch.column("status").to_pylist()
+            progress.update(batch.num_rows, rejected=sum(s != "ok" for s in statuses))
     progress.close()
+    probed = checkpoint.read(schema=VIDEOS_SCHEMA)
+    wanted = set(uris)
+    rows = [r for r in (probed.to_pylist() if probed is not None else []) if r["uri"] in wanted]
     rows = mark_duplicates(rows)
     rows.sort(key=lambda r: r["uri"])
     videos = pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA)
@@ -151,22 +178,17 @@ def run_ingest(config: RecapConfig, inputs: list[str], output: str, uris: list[s
     rejects = _rejects_from(videos, "ingest", "video_id")
     manifest.write_table(output, "rejects", rejects, prefix="ingest")
     ok = sum(r["status"] == "ok" for r in rows)
-    result = StageResult(
+    return StageResult(
         "ingest",
         time.monotonic() - start,
         counts={"files": len(rows), "ok": ok, "rejected": len(rows) - ok},
         rejects_by_reason=_count_by(rejects.column("reason").to_pylist()),
+        info={"inputs": list(inputs)},
+        resumed=len(uris) - len(todo),
     )
-    manifest.update_run_json(
-        output,
-        config.to_dict(),
-        "ingest",
-        {"seconds": result.seconds, "counts": result.counts, "inputs": list(inputs)},
-    )
-    return result
 
 
-def run_split(config: RecapConfig, output: str) -> StageResult:
+def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
     """Detect scenes in every ok video on Ray; write `clips`, split rejects, and update `videos`."""
     import ray.data
 
@@ -179,17 +201,18 @@ def run_split(config: RecapConfig, output: str) -> StageResult:
     # Longest first, so a long video does not end up as the run's tail.
     todo = todo.take(pc.sort_indices(todo, sort_keys=[("num_frames", "descending"), ("video_id", "ascending")]))
     clips_dir = f"{output.rstrip('/')}/media/clips" if config.split.transcode.enabled else None
-    manifest.clear_parts(output, "clips")
-    clips_writer = manifest.TableWriter(output, "clips", prefix="split")
+    checkpoint = _checkpoint(output, "split", checkpoint)
+    done = checkpoint.done("video_id")
+    resumed = len(done)
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("video_id"), pa.array(sorted(done), pa.string()))))
     progress = _progress(config, "split", todo.num_rows, "videos", rate="frames")
-    results: list[pa.Table] = []
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            checkpoint.commit(batch)  # one row per finished video, its clips as JSON
             clip_rows = clip_rows_from_results(batch)
-            clips_writer.write_rows(clip_rows)
-            results.append(batch.drop_columns(["clips_json"]))
             frames = sum(n or 0 for n in batch.column("num_frames").to_pylist())
             progress.update(
                 batch.num_rows,
@@ -198,11 +221,15 @@ def run_split(config: RecapConfig, output: str) -> StageResult:
                 too_short=sum(not c["passed"] for c in clip_rows),
                 rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
             )
-    clips_writer.close()
     progress.close()
-    split_results = (
-        pa.concat_tables(results) if results else SPLIT_RESULT_SCHEMA.empty_table().drop_columns(["clips_json"])
-    )
+    # Every video's result, this run's and those an interrupted run committed, into the clips table at once.
+    committed = checkpoint.read(schema=SPLIT_RESULT_SCHEMA)
+    split_results = committed if committed is not None else SPLIT_RESULT_SCHEMA.empty_table()
+    clips_writer = manifest.TableWriter(output, "clips", prefix="split", replace_table=True)
+    for batch in split_results.to_batches(max_chunksize=1000):
+        clips_writer.write_rows(clip_rows_from_results(pa.Table.from_batches([batch])))
+    clips_writer.close()
+    split_results = split_results.drop_columns(["clips_json"])
     video_rejects = _rejects_from(split_results, "split", "video_id")
     clips = manifest.read_table(output, "clips", columns=["clip_id", "uri", "reject_reason", "passed"])
     bad = clips.filter(pc.invert(clips.column("passed")))
@@ -221,20 +248,20 @@ def run_split(config: RecapConfig, output: str) -> StageResult:
     rejects = pa.concat_tables([video_rejects, clip_rejects])
     manifest.write_table(output, "rejects", rejects, prefix="split")
     _update_videos_after_split(output, videos, split_results)
-    result = StageResult(
+    passed = pc.sum(clips.column("passed")).as_py() or 0
+    return StageResult(
         "split",
         time.monotonic() - start,
         counts={
-            "videos": todo.num_rows,
-            "frames": progress.counters.get("frames", 0),
-            "clips": progress.counters.get("clips", 0),
-            "too_short": progress.counters.get("too_short", 0),
+            "videos": split_results.num_rows,
+            "frames": sum(n or 0 for n in split_results.column("num_frames").to_pylist()),
+            "clips": passed,
+            "too_short": clips.num_rows - passed,
             "rejected_videos": video_rejects.num_rows,
         },
         rejects_by_reason=_count_by(rejects.column("reason").to_pylist()),
+        resumed=resumed,
     )
-    manifest.update_run_json(output, config.to_dict(), "split", {"seconds": result.seconds, "counts": result.counts})
-    return result
 
 
 def _update_videos_after_split(output: str, videos: pa.Table, split_results: pa.Table) -> None:
@@ -276,8 +303,13 @@ def run_pipeline(
     stages: list[str] | None = None,
     address: str | None = None,
     dry_run: bool = False,
+    force: bool = False,
 ) -> list[StageResult]:
-    """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing)."""
+    """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing).
+
+    Re-running resumes: a stage finished with the same settings is skipped, an interrupted one continues from
+    its committed work; a stage that ran with other settings is refused (ConfigChanged) unless `force`.
+    """
     chosen = resolve_stages(stages)
     uris: list[str] | None = None
     if "ingest" in chosen:
@@ -288,19 +320,51 @@ def run_pipeline(
         raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
     elif chosen[0] == "filter" and not manifest.table_exists(output, "clips"):
         raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
+    for repaired in manifest.recover_tables(output):
+        log.warning("recap: %s", repaired)
+    state = RunState(output)
+    plan = []
+    for stage in chosen:  # decide every stage before any work: a refused config change costs nothing
+        settings = stage_settings(config, stage)
+        upstream = UPSTREAM[stage]
+        # A stage run earlier in this command changes its fingerprint: resolved again when the stage starts.
+        upstream_fp = None if upstream in chosen else state.fingerprint_of(upstream)
+        if not (dry_run and stage == "filter") and upstream not in chosen:
+            state.decide(
+                stage, fingerprint(settings, upstream_fp, uris if stage == "ingest" else None), settings, force
+            )
+        plan.append((stage, settings))
     results: list[StageResult] = []
+    cfg_dict = config.to_dict()
     with RaySession(config, address):
-        for stage in chosen:
+        for stage, settings in plan:
+            if dry_run and stage == "filter":
+                results.append(run_filter(config, output, dry_run=True))
+                continue
+            fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
+            action = state.decide(stage, fp, settings, force)
+            if action == "skip":
+                previous = state.stages()[stage]
+                results.append(StageResult(stage, 0.0, counts=previous.get("counts", {}), skipped=True))
+                continue
+            if action == "run":
+                state.mark_stale_after(stage, cfg_dict)
+            checkpoint = StageCheckpoint(output, stage, fp)
+            state.start(stage, fp, settings, cfg_dict)
             if stage == "ingest":
-                results.append(run_ingest(config, list(inputs or []), output, uris))
+                result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint)
             elif stage == "split":
-                results.append(run_split(config, output))
+                result = run_split(config, output, checkpoint=checkpoint)
             elif stage == "filter":
-                results.append(run_filter(config, output, dry_run=dry_run))
+                result = run_filter(config, output, checkpoint=checkpoint)
             elif stage == "caption":
-                results.append(run_caption(config, output))
-            elif stage == "encode":
-                results.append(run_encode(config, output))
+                result = run_caption(config, output, checkpoint=checkpoint)
+            else:
+                result = run_encode(config, output, checkpoint=checkpoint)
+            info = {"seconds": result.seconds, "counts": result.counts, **result.info}
+            state.finish(stage, fp, settings, cfg_dict, info)
+            checkpoint.clear()
+            results.append(result)
     return results
 
 
@@ -343,31 +407,44 @@ def _videos_with_clips(output: str) -> pa.Table:
     )
 
 
-def score_clips(config: RecapConfig, output: str, scratch_out: str) -> dict[str, int]:
-    """Score every clip on Ray into the scratch table under `scratch_out`; returns counts."""
+def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> dict[str, int]:
+    """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
     import ray.data
 
-    from pipeline.schema import FILTERED_CLIPS_SCHEMA
     from pipeline.stages.filter import ClipModelStage, FilterScoreStage
 
     videos = _videos_with_clips(output)
-    total_clips = sum(videos.column("num_clips").to_pylist())
-    manifest.remove_table(scratch_out, SCRATCH_SCORED)
-    writer = manifest.TableWriter(scratch_out, SCRATCH_SCORED, prefix="scored", schema=FILTERED_CLIPS_SCHEMA)
+    expected = dict(zip(videos.column("video_id").to_pylist(), videos.column("num_clips").to_pylist(), strict=True))
+    done = checkpoint.done("video_id")
+    todo = videos.filter(pc.invert(pc.is_in(videos.column("video_id"), pa.array(sorted(done), pa.string()))))
+    total_clips = sum(todo.column("num_clips").to_pylist())
     progress = _progress(config, "filter", total_clips, "clips")
-    if videos.num_rows:
-        ds = ray.data.from_arrow(videos.drop_columns(["num_clips"]), override_num_blocks=min(videos.num_rows, 1000))
+    # Ray may cut blocks anywhere between the two map stages: a video is committed once all its clips arrived.
+    partial: dict[str, list[pa.Table]] = {}
+    ready: list[pa.Table] = []
+    last_commit = time.monotonic()
+    if todo.num_rows:
+        ds = ray.data.from_arrow(todo.drop_columns(["num_clips"]), override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
         if config.filter.clip.model:
             ds = _map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if "frames_jpeg" in batch.column_names:
                 batch = batch.drop_columns(["frames_jpeg"])
-            writer.write(batch)
+            ids = batch.column("video_id")
+            for video_id in pc.unique(ids).to_pylist():
+                rows = partial.setdefault(video_id, [])
+                rows.append(batch.filter(pc.equal(ids, video_id)))
+                if sum(t.num_rows for t in rows) >= expected[video_id]:
+                    ready.extend(partial.pop(video_id))
+            if ready and (sum(t.num_rows for t in ready) >= 1000 or time.monotonic() - last_commit > 30):
+                checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
+                ready, last_commit = [], time.monotonic()
             progress.update(batch.num_rows)
-    writer.close()
+    if ready:
+        checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
     progress.close()
-    return {"clips": total_clips}
+    return {"clips": total_clips, "resumed_videos": len(done)}
 
 
 def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> pa.Table:
@@ -468,8 +545,8 @@ def find_near_duplicates(config: RecapConfig, scored_paths: list[str], previous_
     thresholds = {k: v.model_dump() for k, v in cfg.thresholds.items()}
     parts = []
     for paths, previous in ((scored_paths, False), (previous_paths, True)):
-        for path in paths:
-            ds = ray.data.read_parquet(path, file_extensions=["parquet"])
+        if paths:
+            ds = ray.data.read_parquet(paths)
             parts.append(
                 ds.map_batches(
                     _band_rows, batch_format="pyarrow", fn_kwargs={"thresholds": thresholds, "previous": previous}
@@ -516,7 +593,7 @@ def _previous_corpora(config: RecapConfig) -> list[str]:
             raise StageInputError(f"filter.dedup.against: {corpus!r} has no clips table")
         if "phashes" not in manifest.table_columns(corpus, "clips"):
             raise StageInputError(f"filter.dedup.against: {corpus!r} was not filtered (no phashes column)")
-        paths.append(manifest.table_dir(corpus, "clips"))
+        paths.extend(manifest.table_files(corpus, "clips"))
     return paths
 
 
@@ -536,7 +613,9 @@ def filter_counts(scored: list[dict[str, Any]], config: RecapConfig, dropped: di
     return counts
 
 
-def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> StageResult:
+def run_filter(
+    config: RecapConfig, output: str, dry_run: bool = False, checkpoint: StageCheckpoint | None = None
+) -> StageResult:
     """Score clips, dedupe across the corpus, decide; write `clips` with scores and filter rejects."""
     import shutil
     import tempfile
@@ -550,18 +629,23 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
     previous = _previous_corpora(config)
     thresholds = {k: v.model_dump() for k, v in config.filter.thresholds.items()}
     scratch_out = tempfile.mkdtemp(prefix="recap-filter-dry-") if dry_run else output
+    if dry_run:
+        checkpoint = StageCheckpoint(scratch_out, "filter", "dry-run")
+    else:
+        checkpoint = _checkpoint(output, "filter", checkpoint)
+    resumed = 0
     try:
         if dry_run and "phashes" in manifest.table_columns(output, "clips"):
             # Already scored: re-decide from the stored scores in seconds, nothing decoded.
-            scored_paths = [manifest.table_dir(output, "clips")]
+            scored_paths = manifest.table_files(output, "clips")
         else:
-            score_clips(config, output, scratch_out)
-            scored_paths = [manifest.table_dir(scratch_out, SCRATCH_SCORED)]
+            resumed = score_clips(config, output, checkpoint)["resumed_videos"]
+            scored_paths = checkpoint.parts()
         dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
         if dry_run:
             import pyarrow.dataset as pads
 
-            rows = pads.dataset(scored_paths[0], format="parquet", ignore_prefixes=[".", "_"]).to_table().to_pylist()
+            rows = pads.dataset(scored_paths, format="parquet").to_table().to_pylist() if scored_paths else []
             counts = filter_counts(rows, config, dropped)
             considered = sum(not upstream_reason(r) for r in rows)
             return StageResult(
@@ -570,13 +654,12 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
                 counts={"clips": len(rows), "considered": considered},
                 rejects_by_reason=counts,
             )
-        scored = (
-            manifest.read_table(output, SCRATCH_SCORED)
-            if manifest.table_exists(output, SCRATCH_SCORED)
-            else (FILTERED_CLIPS_SCHEMA.empty_table())
+        scored = checkpoint.read(schema=FILTERED_CLIPS_SCHEMA)
+        if scored is None:
+            scored = FILTERED_CLIPS_SCHEMA.empty_table()
+        writer = manifest.TableWriter(
+            output, "clips", prefix="filter", schema=FILTERED_CLIPS_SCHEMA, replace_table=True
         )
-        manifest.clear_parts(output, "clips")
-        writer = manifest.TableWriter(output, "clips", prefix="filter", schema=FILTERED_CLIPS_SCHEMA)
         reject_rows: list[dict[str, Any]] = []
         passed = 0
         for batch in scored.to_batches(max_chunksize=10_000):
@@ -601,11 +684,10 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
         manifest.write_table(
             output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="filter"
         )
-        manifest.remove_table(output, SCRATCH_SCORED)
     finally:
         if dry_run:
             shutil.rmtree(scratch_out, ignore_errors=True)
-    result = StageResult(
+    return StageResult(
         "filter",
         time.monotonic() - start,
         counts={
@@ -615,9 +697,8 @@ def run_filter(config: RecapConfig, output: str, dry_run: bool = False) -> Stage
             "near_duplicates": len(dropped),
         },
         rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
+        resumed=resumed,
     )
-    manifest.update_run_json(output, config.to_dict(), "filter", {"seconds": result.seconds, "counts": result.counts})
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +730,7 @@ def _caption_match(config: RecapConfig, clips: pa.Table, captions: dict[str, dic
     return out
 
 
-def run_caption(config: RecapConfig, output: str) -> StageResult:
+def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
     """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
     import ray.data
 
@@ -688,10 +769,12 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
         if c in clips.column_names
     ]
     todo = clips.filter(pc.equal(clips.column("passed"), True)).select(wanted)
-    manifest.clear_parts(output, "captions", prefix=version)
-    writer = manifest.TableWriter(output, "captions", prefix=version, schema=CAPTIONS_SCHEMA)
+    checkpoint = _checkpoint(output, "caption", checkpoint)
+    done = checkpoint.done("clip_id")
+    resumed = len(done)
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
     progress = _progress(config, "caption", todo.num_rows, "clips")
-    captions: dict[str, dict[str, Any]] = {}
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, CaptionPrepStage, cfg.preprocess_resources, (config.to_dict(),))
@@ -710,12 +793,13 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
             )
         ds = _map_stage(ds, CaptionModelStage, model_resources, (config.to_dict(),), runtime_env=env)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write(batch)
-            for row in batch.to_pylist():
-                captions[row["clip_id"]] = row
+            checkpoint.commit(batch)
             progress.update(batch.num_rows, failed=sum(batch.column("caption_failed").to_pylist()))
-    writer.close()
     progress.close()
+    committed = checkpoint.read(schema=CAPTIONS_SCHEMA)
+    committed = committed if committed is not None else CAPTIONS_SCHEMA.empty_table()
+    manifest.write_table(output, "captions", committed, prefix=version, schema=CAPTIONS_SCHEMA)
+    captions: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in committed.to_pylist()}
     matches = _caption_match(config, clips, captions)
     rows = clips.to_pylist()
     reject_rows = []
@@ -759,30 +843,22 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
                 }
             )
     schema = pa.schema([f for f in clips.schema if f.name not in caption_cols] + CAPTION_FIELDS)
-    manifest.clear_parts(output, "clips")
-    clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema)
+    clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema, replace_table=True)
     clip_writer.write_rows(rows)
     clip_writer.close()
     manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="caption")
-    result = StageResult(
+    return StageResult(
         "caption",
         time.monotonic() - start,
-        counts={"clips": todo.num_rows, "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
+        counts={"clips": len(captions), "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
         rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
-    )
-    manifest.update_run_json(
-        output,
-        config.to_dict(),
-        "caption",
-        {
-            "seconds": result.seconds,
-            "counts": result.counts,
+        info={
             "caption_version": version,
             "caption_model": cfg.model,
             "caption_prompt_version": prompt.version_id,
         },
+        resumed=resumed,
     )
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,19 +868,25 @@ def run_caption(config: RecapConfig, output: str) -> StageResult:
 def _sample_meta(clip: dict[str, Any], latent_row: dict[str, Any]) -> dict[str, Any]:
     """KEY.json: the clip's ids, source, times, scores and caption model, plus how its latent was made."""
     keep = {k: v for k, v in clip.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    keep.update(json.loads(latent_row["vae_info"]))  # vae, vae_sha256, scaling/shift, latent_dtype, logvar_stored...
     keep.update(
         frame_indices=latent_row["frame_indices"],
         frame_stride=latent_row["frame_stride"],
         resize={"height": latent_row["height"], "width": latent_row["width"], "mode": "resize+center_crop"},
-        vae=latent_row["vae"],
-        vae_sha256=latent_row["vae_sha256"],
-        vae_scaling_factor=1.0,
-        latent_dtype="float16",
+        latent_shape=latent_row["latent_shape"],
     )
     return keep
 
 
-def run_encode(config: RecapConfig, output: str) -> StageResult:
+def _vae_spec(cfg: Any) -> dict[str, str | None]:
+    """The VAE as a later reader (the trainer's sampler) loads it again: an absolute path or hub id, subfolder."""
+    from pipeline.vae.load import resolve_vae_spec
+
+    spec, subfolder = resolve_vae_spec(cfg.vae, cfg.vae_fallback, cfg.vae_subfolder)
+    return {"vae_spec": spec, "vae_subfolder": subfolder}
+
+
+def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
     """Encode every passing (and, when captioned, captioned) clip and write shards plus samples/shards tables."""
     import io
 
@@ -824,23 +906,34 @@ def run_encode(config: RecapConfig, output: str) -> StageResult:
     if "caption" in clips.column_names:
         mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
     todo = clips.filter(mask)
+    checkpoint = _checkpoint(output, "encode", checkpoint)
+    done = checkpoint.done("key")  # samples in shards an interrupted run finished
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
     by_id = {r["clip_id"]: r for r in todo.to_pylist()}
+    # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
+    score_fields = [f for f in clips.schema if f.name.startswith("score_")]
+    score_columns = [f.name for f in score_fields]
+    samples_schema = pa.schema(list(SAMPLES_SCHEMA) + score_fields)
     progress = _progress(config, "encode", todo.num_rows, "clips")
     reject_rows: list[dict[str, Any]] = []
-    vae_info: dict[str, str] = {}
+    vae_info: dict[str, Any] = {}
 
     def samples():
         if not todo.num_rows:
             return
         cols = ["clip_id", "uri", "start_frame", "end_frame", "start_s", "fps"]
+        if "caption" in todo.column_names:
+            cols.append("caption")
         ds = ray.data.from_arrow(todo.select(cols), override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, EncodePrepStage, cfg.prep_resources, (config.to_dict(),))
         ds = _map_stage(ds, EncodeModelStage, cfg.resources, (config.to_dict(),))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 clip = by_id[row["clip_id"]]
-                vae_info.setdefault("vae", row["vae"])
-                vae_info.setdefault("vae_sha256", row["vae_sha256"])
+                if not vae_info:
+                    vae_info.update(json.loads(row["vae_info"]), **_vae_spec(cfg))
+                    checkpoint.save_meta(vae_info)
                 if row["error"]:
                     reject_rows.append(
                         {
@@ -853,13 +946,20 @@ def run_encode(config: RecapConfig, output: str) -> StageResult:
                     )
                     continue
                 latent = np.load(io.BytesIO(row["latent"]), allow_pickle=False)
+                extra = {name: row[col] for name, col in (("logvar.npy", "logvar"), ("text_emb.npy", "text_emb"))}
                 yield {
                     "key": row["clip_id"],
                     "latent": latent,
                     "caption": clip.get("caption") or "",
                     "meta": _sample_meta(clip, row),
+                    "extra": {name: data for name, data in extra.items() if data},
                     "row": {
+                        **{name: clip.get(name) for name in score_columns},
+                        "latent_dtype": row["latent_dtype"],
                         "vae": row["vae"],
+                        "vae_sha256": row["vae_sha256"],
+                        "has_text_emb": bool(row["text_emb"]),
+                        "logvar_stored": bool(row["logvar"]),
                         "num_frames": len(row["frame_indices"]),
                         "frame_stride": row["frame_stride"],
                         "height": row["height"],
@@ -868,16 +968,23 @@ def run_encode(config: RecapConfig, output: str) -> StageResult:
                 }
             progress.update(batch.num_rows, rejected=sum(1 for e in batch.column("error").to_pylist() if e))
 
-    counts = write_corpus_shards(output, samples(), max_bytes=cfg.shard_max_bytes, max_count=cfg.shard_max_count)
+    counts = write_corpus_shards(
+        output,
+        samples(),
+        max_bytes=cfg.shard_max_bytes,
+        max_count=cfg.shard_max_count,
+        samples_schema=samples_schema,
+        checkpoint=checkpoint,
+    )
+    if not vae_info:  # nothing new encoded (all resumed): what the interrupted run recorded
+        vae_info.update(checkpoint.load_meta())
     progress.close()
     manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="encode")
-    result = StageResult(
+    return StageResult(
         "encode",
         time.monotonic() - start,
-        counts={"clips": todo.num_rows, **counts, "rejected": len(reject_rows)},
+        counts={"clips": todo.num_rows + len(done), **counts, "rejected": len(reject_rows)},
         rejects_by_reason=_count_by([r["reason"] for r in reject_rows]),
+        info=vae_info,
+        resumed=len(done),
     )
-    manifest.update_run_json(
-        output, config.to_dict(), "encode", {"seconds": result.seconds, "counts": result.counts, **vae_info}
-    )
-    return result

@@ -186,6 +186,9 @@ SAMPLES_SCHEMA = pa.schema(
         ("latent_shape", pa.list_(pa.int32())),  # (C, T, H, W)
         ("latent_dtype", pa.string()),
         ("vae", pa.string()),
+        ("vae_sha256", pa.string()),
+        ("has_text_emb", pa.bool_()),
+        ("logvar_stored", pa.bool_()),
         ("num_frames", pa.int32()),
         ("frame_stride", pa.int32()),
         ("height", pa.int32()),

@@ -15,6 +15,9 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Tests never reach a model hub: every model is built locally. Set before Ray starts so workers inherit it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Fault injection requests (pipeline/faults.py): a test drops a file here to kill one stage actor.
+FAULTS_DIR = Path(os.environ.setdefault("RECAP_FAULTS_DIR", f"/tmp/recap-faults-{os.getpid()}"))
+FAULTS_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def _shared_dir() -> Path | None:

@@ -42,6 +42,9 @@ def validate_corpus(out: str, check_samples: bool = True) -> list[str]:
     listed = {s["shard"] for s in shards}
     for name in sorted(present - listed):
         problems.append(f"shards/{name}: file not in the manifest (unknown or left over from a crash)")
+    vaes = {(s.get("vae"), s.get("vae_sha256")) for s in samples if s.get("vae_sha256")}
+    if len(vaes) > 1:
+        problems.append(f"samples: latents from {len(vaes)} different VAEs: {sorted(v for v, _ in vaes)}")
     key_counts = Counter(s["key"] for s in samples)
     for key, n in sorted(key_counts.items()):
         if n > 1:
@@ -105,13 +108,35 @@ def _check_members(
         if not check_samples:
             continue
         try:
-            latent = np.load(io.BytesIO(parts["latent.npy"]), allow_pickle=False)
+            arrays = {
+                ext: np.load(io.BytesIO(v), allow_pickle=False) for ext, v in parts.items() if ext.endswith(".npy")
+            }
             json.loads(parts["json"])
             parts["txt"].decode("utf-8")
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             problems.append(f"shards/{name}: sample {key} does not load ({exc})")
             continue
         row = expected.get(key)
-        if row is not None and list(latent.shape) != list(row["latent_shape"]):
-            problems.append(f"shards/{name}: sample {key} latent {latent.shape}, manifest says {row['latent_shape']}")
+        if row is not None:
+            problems += [f"shards/{name}: sample {key} {p}" for p in _check_arrays(arrays, row)]
+    return problems
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], row: dict[str, Any]) -> list[str]:
+    """A sample's arrays against its samples-table row: shape, stored dtype, the optional members it promises."""
+    latent = arrays["latent.npy"]
+    problems = []
+    if list(latent.shape) != list(row["latent_shape"]):
+        problems.append(f"latent {latent.shape}, manifest says {row['latent_shape']}")
+    stored = {"bfloat16": "uint16"}.get(row.get("latent_dtype") or "", row.get("latent_dtype"))
+    if stored and latent.dtype.name != stored:
+        problems.append(f"latent dtype {latent.dtype.name}, manifest says {row['latent_dtype']}")
+    if row.get("logvar_stored"):
+        logvar = arrays.get("logvar.npy")
+        if logvar is None or logvar.shape != latent.shape:
+            problems.append(f"logvar.npy {'missing' if logvar is None else logvar.shape}, expected {latent.shape}")
+    if row.get("has_text_emb"):
+        emb = arrays.get("text_emb.npy")
+        if emb is None or emb.ndim != 2:
+            problems.append(f"text_emb.npy {'missing' if emb is None else emb.shape}, expected (tokens, dim)")
     return problems

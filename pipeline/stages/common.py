@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from pipeline import faults
 from pipeline.config import RecapConfig
 from pipeline.schema import RejectReason, table_of
 from pipeline.video.isolation import IsolatedWorker, JobOutcome
@@ -91,6 +92,7 @@ class IsolatedStage:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        faults.actor_call(self.name)
         rows = [self.process_row(row) for row in rows_of(batch)]
         return table_of(rows, self.output_schema)
 

@@ -6,9 +6,9 @@ run; the VAE's id and a hash of its weights go into every sample and into run.js
 
 from __future__ import annotations
 
-import hashlib
 import io
-from pathlib import Path
+import json
+import math
 from typing import Any
 
 import av
@@ -28,6 +28,7 @@ PREP_SCHEMA = pa.schema(
         ("frames_shape", pa.list_(pa.int32())),
         ("frame_indices", pa.list_(pa.int64())),
         ("frame_stride", pa.int32()),
+        ("caption", pa.string()),
         ("prep_error", pa.string()),
     ]
 )
@@ -35,14 +36,18 @@ PREP_SCHEMA = pa.schema(
 LATENT_SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
-        ("latent", pa.binary()),  # .npy bytes
+        ("latent", pa.binary()),  # .npy bytes, (C, T', h, w) in latent_dtype
+        ("logvar", pa.binary()),  # .npy bytes, same shape, KL VAEs with store_logvar only
+        ("text_emb", pa.binary()),  # .npy bytes, (L, D) float16, with a text encoder only
         ("latent_shape", pa.list_(pa.int32())),
+        ("latent_dtype", pa.string()),
         ("frame_indices", pa.list_(pa.int64())),
         ("frame_stride", pa.int32()),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("vae", pa.string()),
         ("vae_sha256", pa.string()),
+        ("vae_info", pa.string()),  # JSON: Vae.info() plus what was stored
         ("error", pa.string()),
     ]
 )
@@ -63,11 +68,11 @@ def read_frames_at(uri: str, start_frame: int, start_s: float, positions: list[i
     return out
 
 
-def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor: int, multiple: int) -> dict[str, Any]:
     """Frames of one clip ready for the VAE (in the isolated child): stride, frame grid, bucket, crop."""
     cfg = EncodeConfig.model_validate(cfg_dict)
     positions, stride = frame_positions(
-        row["start_frame"], row["end_frame"], row["fps"] or 25.0, cfg.target_fps, cfg.num_frames, cfg.temporal_factor
+        row["start_frame"], row["end_frame"], row["fps"] or 25.0, cfg.target_fps, cfg.num_frames, temporal_factor
     )
     if not positions:
         raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame on the VAE's frame grid")
@@ -78,7 +83,7 @@ def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, Any
     if len(frames) != len(positions):
         raise VideoRejected(RejectReason.DECODE_ERROR, f"decoded {len(frames)} of {len(positions)} frames")
     first = frames[positions[0]]
-    height, width = nearest_bucket(first.shape[0], first.shape[1], make_buckets(cfg.target_area, cfg.multiple))
+    height, width = nearest_bucket(first.shape[0], first.shape[1], make_buckets(cfg.target_area, multiple))
     stack = np.stack([resize_center_crop(frames[p], height, width) for p in positions])
     return {
         "frames": stack.tobytes(),
@@ -94,82 +99,126 @@ class EncodePrepStage(IsolatedStage):
     output_schema = PREP_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.vae.load import vae_geometry
+
         super().__init__(config)
         self._cfg = self.config.encode.model_dump(mode="json")
+        # The VAE's frame grid and spatial factor, read from its config without loading weights.
+        self.temporal_factor, spatial = vae_geometry(self.config.encode)
+        self.multiple = math.lcm(self.config.encode.multiple, spatial)
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        outcome = self.run_isolated("pipeline.stages.encode:prepare_clip", row, self._cfg)
+        outcome = self.run_isolated(
+            "pipeline.stages.encode:prepare_clip", row, self._cfg, self.temporal_factor, self.multiple
+        )
+        caption = row.get("caption")
         rejected = self.reject_of(outcome)
         if rejected is not None:
-            return {"clip_id": row["clip_id"], "prep_error": f"{rejected[0]}: {rejected[1]}"}
-        return {"clip_id": row["clip_id"], **outcome.result}
+            return {"clip_id": row["clip_id"], "caption": caption, "prep_error": f"{rejected[0]}: {rejected[1]}"}
+        return {"clip_id": row["clip_id"], "caption": caption, **outcome.result}
 
 
-def file_sha256(paths: list[str]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
 
 
 class EncodeModelStage:
-    """VAE actors: prepared frames -> float16 latents (C, T, H, W), encoded in frame batches under no_grad."""
+    """VAE actors: prepared frames -> normalised latents (C, T', h, w) in the storage dtype, under inference_mode.
+
+    Clips of one shape in a batch are encoded together (image VAEs in chunks of frames_per_batch frames).
+    With a text encoder configured, captions are embedded here too (KEY.text_emb.npy).
+    """
 
     name = "encode"
-    input_columns = ("clip_id", "frames", "frames_shape")
+    input_columns = ("clip_id", "frames", "frames_shape", "caption")
     output_schema = LATENT_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        import torch
-
-        from pipeline.vae.load import load_vae
+        from pipeline.vae.load import pick_device, vae_from_config
 
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
         self.cfg = cfg.encode
-        self.device = (
-            "cuda"
-            if self.cfg.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if self.cfg.device == "auto" else self.cfg.device)
-        )
-        self.vae, self.vae_id, self.vae_sha256 = load_vae(self.cfg, self.device)
+        self.device = pick_device(self.cfg.device)
+        self.vae = vae_from_config(self.cfg, self.device)
+        self.store_logvar = self.cfg.store_logvar and self.vae.has_posterior
+        self.text = None
+        if self.cfg.text_encoder:
+            from captioner.text_encoder import CaptionEncoder
 
-    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """(T, H, W, 3) uint8 -> (C, T, h, w) latents in the configured dtype."""
+            self.text = CaptionEncoder(
+                self.cfg.text_encoder,
+                device=self.device,
+                max_length=self.cfg.text_max_length,
+                trust_remote_code=self.cfg.trust_remote_code,
+            )
+        info = {
+            **self.vae.info(),
+            "latent_dtype": self.cfg.latent_dtype,
+            "latent_kind": "posterior_mean" if self.vae.has_posterior else "deterministic",
+            "logvar_stored": self.store_logvar,
+            "text_encoder": self.cfg.text_encoder,
+            "text_emb_dim": self.text.dim if self.text else None,
+        }
+        self.vae_info = json.dumps(info, sort_keys=True)
+
+    def encode_clips(self, frames: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """(B, T, H, W, 3) uint8 clips of one shape -> per clip stored latents and (optionally) log-variances."""
         import torch
 
-        x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        parts = []
-        with torch.inference_mode():
-            for start in range(0, x.shape[0], self.cfg.frames_per_batch):
-                parts.append(self.vae.encode(x[start : start + self.cfg.frames_per_batch]).float().cpu())
-        latents = torch.cat(parts).permute(1, 0, 2, 3).contiguous()  # (T, C, h, w) -> (C, T, h, w)
-        return latents.numpy().astype(np.float16)
+        from pipeline.shards.latents import latent_to_storage
+
+        x = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W) in [0, 1]
+        posterior = self.vae.encode(x)
+        latents = [latent_to_storage(m, self.cfg.latent_dtype) for m in posterior.mean]
+        if self.store_logvar and posterior.logvar is not None:
+            return latents, [latent_to_storage(v, self.cfg.latent_dtype) for v in posterior.logvar]
+        return latents, [None] * len(latents)
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """One clip (T, H, W, 3) uint8 -> its stored latent (C, T', h, w)."""
+        return self.encode_clips(frames[None])[0][0]
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
-        out = []
-        for row in rows_of(batch):
+        rows = rows_of(batch)
+        out: dict[str, dict[str, Any]] = {}
+        by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for row in rows:
             base = {
                 "clip_id": row["clip_id"],
-                "vae": self.vae_id,
-                "vae_sha256": self.vae_sha256,
+                "vae": self.vae.vae_id,
+                "vae_sha256": self.vae.sha256,
+                "vae_info": self.vae_info,
                 "frame_indices": row.get("frame_indices"),
                 "frame_stride": row.get("frame_stride"),
             }
+            out[row["clip_id"]] = base
             if row.get("prep_error") or not row.get("frames"):
-                out.append({**base, "error": row.get("prep_error") or "no frames"})
+                base["error"] = row.get("prep_error") or "no frames"
+            else:
+                by_shape.setdefault(tuple(row["frames_shape"]), []).append(row)
+        for shape, group in by_shape.items():
+            # torch wants writable memory: copy out of the Arrow buffers.
+            frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(shape) for r in group])
+            try:
+                latents, logvars = self.encode_clips(frames)
+            except (RuntimeError, ValueError) as exc:  # e.g. a shape this VAE refuses: reject the clips, go on
+                for r in group:
+                    out[r["clip_id"]]["error"] = f"{type(exc).__name__}: {exc}"
                 continue
-            shape = tuple(row["frames_shape"])
-            frames = np.frombuffer(row["frames"], np.uint8).reshape(shape).copy()  # torch wants writable memory
-            latent = self.encode_frames(frames)
-            buf = io.BytesIO()
-            np.save(buf, latent, allow_pickle=False)
-            out.append(
-                {
-                    **base,
-                    "latent": buf.getvalue(),
-                    "latent_shape": list(latent.shape),
-                    "height": shape[1],
-                    "width": shape[2],
-                }
-            )
-        return table_of(out, LATENT_SCHEMA)
+            for r, latent, logvar in zip(group, latents, logvars, strict=True):
+                out[r["clip_id"]].update(
+                    latent=npy_bytes(latent),
+                    logvar=npy_bytes(logvar) if logvar is not None else None,
+                    latent_shape=list(latent.shape),
+                    latent_dtype=self.cfg.latent_dtype,
+                    height=shape[1],
+                    width=shape[2],
+                )
+        if self.text is not None:
+            todo = [r for r in rows if "latent" in out[r["clip_id"]]]
+            embeddings = self.text.encode([r.get("caption") or "" for r in todo])
+            for r, emb in zip(todo, embeddings, strict=True):
+                out[r["clip_id"]]["text_emb"] = npy_bytes(emb.astype(np.float16))
+        return table_of([out[r["clip_id"]] for r in rows], LATENT_SCHEMA)

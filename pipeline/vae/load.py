@@ -1,58 +1,367 @@
-"""Resolve the configured VAE (a TAESD-format directory, or a tiny random one for smoke runs) and load it."""
+"""One interface over the VAEs recap encodes with: TAESD-format checkpoints and diffusers autoencoders.
+
+`load_vae(spec)` takes a TAESD-format directory, a diffusers model (hub id or local path, optionally with a
+`vae` subfolder), or `recap-tiny:FAMILY`; the returned `Vae` maps RGB frames in [0, 1] to normalised latents
+(C, T', h, w) and back, whatever the backend's own input range, layout and latent statistics are.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TINY = "recap-tiny:taesd"
+import torch
+
+TINY_PREFIX = "recap-tiny:"
+# Diffusers autoencoders recap knows how to normalise and lay out; others are refused by name.
+IMAGE_CLASSES = ("AutoencoderKL",)
+VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo")
 
 
-def _tiny_dir() -> Path:
-    from pipeline.vae.taesd import save_random_taesd
-
-    root = Path(os.environ.get("RECAP_CACHE", Path.home() / ".cache" / "recap")) / "tiny-models" / "taesd"
-    if not (root / "tiny_decoder.pth").exists():
-        tmp = root.with_name(f".taesd-{os.getpid()}")
-        save_random_taesd(tmp, latent_channels=4)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another worker built it first
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
-    return root
+class VaeError(ValueError):
+    """A VAE spec that cannot be loaded: says what was given and what is accepted."""
 
 
-def resolve_vae_dir(spec: str, fallback: str | None = None) -> Path:
-    """The directory holding `*_encoder.pth` and `*_decoder.pth` for `spec` (or `fallback` when missing)."""
-    if spec == TINY:
-        return _tiny_dir()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if fallback:
-            return resolve_vae_dir(fallback)
-        raise FileNotFoundError(f"encode.vae: {spec!r} does not exist (a TAESD-format directory or {TINY})")
-    return path
+@dataclass(frozen=True)
+class Posterior:
+    """Normalised latents (C, T', h, w) of one clip: the posterior mean, and its log-variance for KL VAEs."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor | None = None
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of the state dict as loaded (names, shapes, values as float32): the same weights in any file format
+    give the same id; weights loaded in another dtype (bf16 vs fp32 runs) give another, as their latents differ."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+class Vae:
+    """Frames (T, 3, H, W) in [0, 1] <-> normalised latents (C, T', h, w); subclasses wrap one backend."""
+
+    vae_id: str
+    sha256: str
+    kind: str
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int = 1
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    has_posterior: bool = False  # KL VAEs: a log-variance can be stored beside the mean
+
+    def __init__(self, device: str, dtype: torch.dtype, frames_per_batch: int = 16):
+        self.device = device
+        self.dtype = dtype
+        self.frames_per_batch = frames_per_batch
+
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_factor > 1
+
+    def latent_frames(self, num_frames: int) -> int:
+        """T' for T input frames; T must be on the frame grid 1 + k * temporal_factor."""
+        if self.temporal_factor == 1:
+            return num_frames
+        if (num_frames - 1) % self.temporal_factor:
+            raise ValueError(
+                f"{num_frames} frames is not on {self.vae_id}'s frame grid 1 + k*{self.temporal_factor}: "
+                "the VAE would silently drop frames"
+            )
+        return 1 + (num_frames - 1) // self.temporal_factor
+
+    def info(self) -> dict[str, Any]:
+        """What a sample records about the VAE that made it."""
+        return {
+            "vae": self.vae_id,
+            "vae_sha256": self.sha256,
+            "vae_kind": self.kind,
+            "vae_scaling_factor": self.scaling_factor,
+            "vae_shift_factor": self.shift_factor,
+            "vae_spatial_factor": self.spatial_factor,
+            "vae_temporal_factor": self.temporal_factor,
+            "vae_latent_channels": self.latent_channels,
+        }
+
+    def encode(self, clips: torch.Tensor) -> Posterior:
+        """(T, 3, H, W) or (B, T, 3, H, W) frames in [0, 1] -> latents (C, T', h, w) or (B, C, T', h, w)."""
+        single = clips.dim() == 4
+        batch = clips.unsqueeze(0) if single else clips
+        self.latent_frames(batch.shape[1])
+        with torch.inference_mode():
+            mean, logvar = self._encode(batch.to(self.device, self.dtype))
+        mean = mean.float().cpu()
+        logvar = logvar.float().cpu() if logvar is not None else None
+        if single:
+            return Posterior(mean[0], logvar[0] if logvar is not None else None)
+        return Posterior(mean, logvar)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(C, T', h, w) or (B, C, T', h, w) normalised latents -> frames (T, 3, H, W) / (B, ...) in [0, 1]."""
+        single = latents.dim() == 4
+        batch = latents.unsqueeze(0) if single else latents
+        with torch.inference_mode():
+            frames = self._decode(batch.to(self.device, self.dtype)).float().clamp(0, 1).cpu()
+        return frames[0] if single else frames
+
+    def _encode(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _per_frame(self, fn, frames: torch.Tensor) -> torch.Tensor:
+        """Run an image model over (N, ...) frames in chunks of frames_per_batch."""
+        return torch.cat(
+            [fn(frames[i : i + self.frames_per_batch]) for i in range(0, frames.shape[0], self.frames_per_batch)]
+        )
+
+
+class TaesdVae(Vae):
+    """TAESD-format tiny autoencoders (TAESD, TAESDXL, TAEF1, TAEF2): deterministic, RGB [0, 1] in."""
+
+    kind = "taesd"
+
+    def __init__(self, directory: Path, device: str, dtype: torch.dtype, frames_per_batch: int = 16):
+        from pipeline.vae.taesd import load_taesd
+
+        super().__init__(device, dtype, frames_per_batch)
+        encoder, decoder = vae_files(directory)
+        model = load_taesd(encoder, decoder, device="cpu", dtype=dtype)
+        self.sha256 = weights_sha256(model)
+        self.model = model.to(device=device)
+        self.vae_id = "taesd:" + encoder.name.removesuffix("_encoder.pth")
+        self.latent_channels = model.latent_channels
+        self.spatial_factor = model.spatial_factor
+
+    def _encode(self, clips: torch.Tensor) -> tuple[torch.Tensor, None]:
+        b, t = clips.shape[:2]
+        z = self._per_frame(self.model.encode, clips.flatten(0, 1))
+        return z.unflatten(0, (b, t)).transpose(1, 2), None  # (B, T, C, h, w) -> (B, C, T, h, w)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _c, t = latents.shape[:3]
+        x = self._per_frame(self.model.decode, latents.transpose(1, 2).flatten(0, 1))
+        return x.unflatten(0, (b, t))
+
+
+class DiffusersVae(Vae):
+    """A diffusers autoencoder: frames go in as [-1, 1]; latents are normalised with the model's own statistics.
+
+    z = (mu - shift) * scaling for image VAEs (SD, SDXL, FLUX.1); z = (mu - mean_c) / std_c * scaling for video
+    VAEs that publish per-channel statistics (Wan, LTX), z = mu * scaling otherwise (CogVideoX, HunyuanVideo).
+    The stored log-variance is the posterior's, moved into the same normalised space.
+    """
+
+    kind = "diffusers"
+    has_posterior = True
+
+    def __init__(
+        self,
+        spec: str,
+        subfolder: str | None,
+        device: str,
+        dtype: torch.dtype,
+        frames_per_batch: int = 16,
+        trust_remote_code: bool = False,
+    ):
+        import diffusers
+
+        super().__init__(device, dtype, frames_per_batch)
+        config = diffusers_config(spec, subfolder)
+        class_name = config.get("_class_name")
+        if class_name not in IMAGE_CLASSES + VIDEO_CLASSES:
+            raise VaeError(
+                f"encode.vae: {spec!r} is a {class_name or 'model without _class_name'}; "
+                f"supported diffusers VAEs: {', '.join(IMAGE_CLASSES + VIDEO_CLASSES)}"
+            )
+        cls = getattr(diffusers, class_name)
+        model = cls.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
+        self.sha256 = weights_sha256(model)
+        self.model = model.to(device=device).eval()
+        self.class_name = class_name
+        self.vae_id = f"diffusers:{class_name}:{spec}" + (f"/{subfolder}" if subfolder else "")
+        cfg = model.config
+        self.latent_channels = int(cfg.get("latent_channels") or cfg.get("z_dim"))
+        self.temporal_factor, self.spatial_factor = _diffusers_geometry(model)
+        self.scaling_factor = float(cfg.get("scaling_factor") or 1.0)
+        self.shift_factor = float(cfg.get("shift_factor") or 0.0)
+        mean, std = _latent_stats(model, self.latent_channels)
+        shape = (1, -1, 1, 1, 1)
+        self._mean = mean.view(shape)
+        self._std = std.view(shape)
+
+    def _encode(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = clips * 2 - 1
+        if self.is_video:
+            dist = self.model.encode(x.transpose(1, 2)).latent_dist  # (B, 3, T, H, W)
+            mu, logvar = dist.mean, dist.logvar
+        else:
+            b, t = x.shape[:2]
+            parts = [self.model.encode(chunk).latent_dist for chunk in x.flatten(0, 1).split(self.frames_per_batch)]
+            mu = torch.cat([d.mean for d in parts]).unflatten(0, (b, t)).transpose(1, 2)
+            logvar = torch.cat([d.logvar for d in parts]).unflatten(0, (b, t)).transpose(1, 2)
+        mean = self._mean.to(mu)
+        std = self._std.to(mu)
+        z = (mu - mean - self.shift_factor) / std * self.scaling_factor
+        logvar = logvar + 2 * (math.log(self.scaling_factor) - torch.log(std))
+        return z, logvar
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        mu = latents / self.scaling_factor * self._std.to(latents) + self._mean.to(latents) + self.shift_factor
+        if self.is_video:
+            x = self.model.decode(mu).sample.transpose(1, 2)  # (B, 3, T, H, W) -> (B, T, 3, H, W)
+        else:
+            b, _c, t = mu.shape[:3]
+            x = self._per_frame(lambda z: self.model.decode(z).sample, mu.transpose(1, 2).flatten(0, 1))
+            x = x.unflatten(0, (b, t))
+        return (x + 1) / 2
+
+
+def _diffusers_geometry(model: Any) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers VAE, from its attributes or config."""
+    cfg = model.config
+    temporal = getattr(model, "temporal_compression_ratio", None) or cfg.get("scale_factor_temporal") or 1
+    spatial = getattr(model, "spatial_compression_ratio", None) or cfg.get("scale_factor_spatial")
+    if not spatial:
+        spatial = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return int(temporal), int(spatial)
+
+
+def _latent_stats(model: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean/std the model publishes (Wan: config; LTX: buffers), else 0/1."""
+    cfg = model.config
+    buffers = dict(model.named_buffers())
+    if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+        return torch.tensor(cfg["latents_mean"], dtype=torch.float32), torch.tensor(
+            cfg["latents_std"], dtype=torch.float32
+        )
+    if "latents_mean" in buffers and "latents_std" in buffers:
+        return buffers["latents_mean"].float().cpu(), buffers["latents_std"].float().cpu()
+    return torch.zeros(channels), torch.ones(channels)
+
+
+def diffusers_config(spec: str, subfolder: str | None) -> dict[str, Any]:
+    """The model's config.json (local or from the hub cache/hub), without loading weights."""
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        path = local / subfolder / "config.json" if subfolder else local / "config.json"
+        if not path.is_file():
+            raise VaeError(f"encode.vae: {spec!r} has no {'/'.join(filter(None, [subfolder, 'config.json']))}")
+        return json.loads(path.read_text())
+    from diffusers import ConfigMixin
+
+    return dict(ConfigMixin.load_config(spec, subfolder=subfolder))
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving a spec
+
+
+def _tiny_dir(family: str) -> Path:
+    from pipeline.vae.tiny import ensure_tiny_vae
+
+    return ensure_tiny_vae(family)
 
 
 def vae_files(directory: Path) -> tuple[Path, Path]:
     encoders = sorted(directory.glob("*_encoder.pth"))
     decoders = sorted(directory.glob("*_decoder.pth"))
     if len(encoders) != 1 or len(decoders) != 1:
-        raise FileNotFoundError(f"{directory}: expected one *_encoder.pth and one *_decoder.pth")
+        raise VaeError(f"{directory}: expected one *_encoder.pth and one *_decoder.pth")
     return encoders[0], decoders[0]
 
 
-def load_vae(cfg: Any, device: str) -> tuple[Any, str, str]:
-    """(model, id, sha256 of its weight files) for an EncodeConfig; the id and hash go into every sample."""
-    directory = resolve_vae_dir(cfg.vae, cfg.vae_fallback)
-    encoder, decoder = vae_files(directory)
-    from pipeline.vae.taesd import load_taesd
+def _is_taesd_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*_encoder.pth"))
 
-    digest = hashlib.sha256(encoder.read_bytes() + decoder.read_bytes()).hexdigest()
-    vae_id = "taesd:" + encoder.name.removesuffix("_encoder.pth")
-    return load_taesd(encoder, decoder, device=device), vae_id, digest
+
+def resolve_vae_spec(spec: str, fallback: str | None = None, subfolder: str | None = None) -> tuple[str, str | None]:
+    """(spec, subfolder) to load: tiny families built into the cache, a missing local path replaced by
+    `fallback`, and a pipeline directory's `vae/` subfolder found on its own."""
+    if spec.startswith(TINY_PREFIX):
+        return str(_tiny_dir(spec[len(TINY_PREFIX) :])), subfolder
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        if fallback:
+            return resolve_vae_spec(fallback, None, subfolder)
+        raise VaeError(
+            f"encode.vae: {spec!r} does not exist (give a TAESD-format directory, a diffusers VAE directory or "
+            f"hub id, or {TINY_PREFIX}taesd|autoencoder_kl|wan)"
+        )
+    if path.is_dir():
+        path = path.resolve()
+        if subfolder is None and not (path / "config.json").exists() and (path / "vae" / "config.json").exists():
+            subfolder = "vae"
+        return str(path), subfolder
+    return spec, subfolder  # a hub id
+
+
+def load_vae(
+    spec: str,
+    device: str = "cpu",
+    fallback: str | None = None,
+    subfolder: str | None = None,
+    dtype: str = "auto",
+    frames_per_batch: int = 16,
+) -> Vae:
+    """Load the VAE named by `spec` on `device` (see module docstring for the accepted forms)."""
+    device = pick_device(device)
+    resolved, subfolder = resolve_vae_spec(spec, fallback, subfolder)
+    torch_dtype = pick_dtype(dtype, device)
+    path = Path(resolved)
+    if _is_taesd_dir(path):
+        return TaesdVae(path, device, torch_dtype, frames_per_batch)
+    return DiffusersVae(resolved, subfolder, device, torch_dtype, frames_per_batch)
+
+
+def vae_from_config(cfg: Any, device: str | None = None) -> Vae:
+    """The VAE of an EncodeConfig."""
+    return load_vae(
+        cfg.vae,
+        device=device or cfg.device,
+        fallback=cfg.vae_fallback,
+        subfolder=cfg.vae_subfolder,
+        dtype=cfg.dtype,
+        frames_per_batch=cfg.frames_per_batch,
+    )
+
+
+def vae_geometry(cfg: Any) -> tuple[int, int]:
+    """(temporal, spatial) compression of an EncodeConfig's VAE, read without loading its weights."""
+    resolved, subfolder = resolve_vae_spec(cfg.vae, cfg.vae_fallback, cfg.vae_subfolder)
+    if _is_taesd_dir(Path(resolved)):
+        return 1, 8
+    import diffusers
+
+    config = diffusers_config(resolved, subfolder)
+    class_name = config.get("_class_name")
+    if class_name not in IMAGE_CLASSES + VIDEO_CLASSES:
+        raise VaeError(
+            f"encode.vae: {cfg.vae!r} is a {class_name}; supported: {', '.join(IMAGE_CLASSES + VIDEO_CLASSES)}"
+        )
+    cls = getattr(diffusers, class_name)
+    with torch.device("meta"):  # builds the module with no memory for weights: only its geometry is wanted
+        model = cls.from_config(config)
+    return _diffusers_geometry(model)

@@ -99,3 +99,21 @@ def transcode_clips(uri: str, clips: list[dict[str, Any]], clips_dir: str, cfg: 
             os.unlink(os.path.join(tmpdir, name))
         os.rmdir(tmpdir)
     return written
+
+
+def write_rgb_video(path: str, frames: Any, fps: float, crf: int = 18) -> None:
+    """Write RGB uint8 frames (T, H, W, 3) as an H.264 mp4 (even sides: odd ones are cropped by a pixel)."""
+    import numpy as np
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": str(crf)}
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

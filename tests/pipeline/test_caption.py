@@ -53,7 +53,7 @@ def test_real_clips_get_captions_with_model_and_prompt_version(captioned):
 def test_switching_the_captioner_keeps_earlier_versions_and_upstream_tables(captioned):
     videos_before = {p: p.stat().st_mtime_ns for p in (captioned / "manifest" / "videos").iterdir()}
     first = _table(captioned, "clips").to_pylist()
-    run_pipeline(_config("caption.model=recap-tiny:qwen3_vl"), str(captioned), stages=["caption"])
+    run_pipeline(_config("caption.model=recap-tiny:qwen3_vl"), str(captioned), stages=["caption"], force=True)
     clips = _table(captioned, "clips").to_pylist()
     assert {p: p.stat().st_mtime_ns for p in (captioned / "manifest" / "videos").iterdir()} == videos_before
     assert [(c["clip_id"], c["start_frame"], c["passed"]) for c in sorted(clips, key=lambda c: c["clip_id"])] == [
@@ -72,14 +72,14 @@ def test_captions_failing_qc_are_retried_then_rejected(captioned, tmp_path):
 
     out = tmp_path / "strict"
     shutil.copytree(captioned, out)
-    run_pipeline(_config("caption.qc.min_words=200"), str(out), stages=["caption"])
+    run_pipeline(_config("caption.qc.min_words=200"), str(out), stages=["caption"], force=True)
     clips = [c for c in _table(out, "clips").to_pylist() if c["caption"] is not None]
     assert clips and all(c["reject_reason"] == "caption_too_short" and c["passed"] is False for c in clips)
     assert all("too_short" in c["caption_flags"] for c in clips)
     rejects = [r for r in _table(out, "rejects").to_pylist() if r["stage"] == "caption"]
     assert len(rejects) == len(clips) and all("after 2 attempt(s)" in r["detail"] for r in rejects)
     # Relaxing QC again takes those clips back: the stage undoes only its own rejections.
-    run_pipeline(_config(), str(out), stages=["caption"])
+    run_pipeline(_config(), str(out), stages=["caption"], force=True)
     again = [c for c in _table(out, "clips").to_pylist() if c["caption"] is not None]
     assert len(again) == len(clips) and all(c["passed"] for c in again)
 
@@ -100,7 +100,7 @@ def test_caption_match_scores_captions_against_clip_embeddings(ray_session, samp
     root, _truth = sample_videos
     cfg = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off"])
     out = tmp_path / "matched"
-    run_pipeline(cfg, str(out), inputs=[str(root)])
+    run_pipeline(cfg, str(out), inputs=[str(root)], stages=["ingest", "split", "filter", "caption"])
     clips = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
     assert clips
     scorer = clip_scorer_from_config(cfg)
@@ -112,6 +112,6 @@ def test_caption_match_scores_captions_against_clip_embeddings(ray_session, samp
         PROJECT_ROOT / "configs" / "smoke.yaml",
         ["ray.progress=off", f"caption.min_caption_match={float(max(expected)) + 1e-3}"],
     )
-    run_pipeline(strict, str(out), stages=["caption"])
+    run_pipeline(strict, str(out), stages=["caption"], force=True)
     again = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
     assert again and all(c["reject_reason"] == "caption_mismatch" for c in again)

@@ -37,7 +37,7 @@ def prepared(videos_dir) -> np.ndarray:
         "fps": 30000 / 1001,
     }
     cfg = EncodeConfig(target_area=256 * 448, num_frames=2, target_fps=1.0).model_dump(mode="json")
-    out = prepare_clip(row, cfg)
+    out = prepare_clip(row, cfg, 1, 16)
     assert out["frame_indices"] == [420, 450] and out["frame_stride"] == 30
     return np.frombuffer(out["frames"], np.uint8).reshape(out["frames_shape"])
 
@@ -56,6 +56,20 @@ def test_taef2_reconstructs_real_frames(taef2, prepared):
     assert prepared.std() > 20  # real picture content
     assert taef2.latent_channels == 32
     assert _psnr(taef2, prepared) >= 28.0
+
+
+def test_taef2_through_the_vae_interface(shared_dir, prepared):
+    """load_vae + Vae.encode/decode (what the stage and the trainer's sampler use) keep the layout right."""
+    from pipeline.vae.load import load_vae
+
+    vae = load_vae(str(shared_dir / "data" / "models" / "taef2"))
+    x = torch.from_numpy(prepared.copy()).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
+    posterior = vae.encode(x)
+    assert posterior.mean.shape == (32, 2, 32, 56) and posterior.logvar is None
+    y = vae.decode(posterior.mean)
+    assert y.shape == x.shape
+    assert float(10 * torch.log10(1 / torch.mean((y - x) ** 2))) >= 28.0
+    assert vae.info()["vae"] == "taesd:taef2" and vae.temporal_factor == 1
 
 
 def test_random_weights_of_the_same_architecture_do_not(prepared, shared_dir):
@@ -93,6 +107,39 @@ def test_encode_stage_writes_valid_shards(ray_session, videos_dir, tmp_path):
         assert latent.dtype == np.float16 and latent.shape[0] == 32 and latent.shape[1] == len(meta["frame_indices"])
         assert meta["frame_indices"][0] == meta["start_frame"] and meta["clip_id"] == key
         assert latent.shape[2:] == (meta["resize"]["height"] // 8, meta["resize"]["width"] // 8)
+    _check_manifest_sample_cli(out, keys[0], tmp_path)
+
+
+def _check_manifest_sample_cli(out: Path, key: str, tmp_path: Path) -> None:
+    """`recap manifest sample KEY --write` decodes the latents with the corpus's VAE to a video and a grid."""
+    import av
+    import cv2
+
+    from pipeline.cli import main
+
+    video, grid = tmp_path / "sample.mp4", tmp_path / "sample.png"
+    assert main(["manifest", "sample", str(out), key, "--write", str(video)]) == 0
+    meta = json.loads(_member(out, key, "json"))
+    with av.open(str(video)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == len(meta["frame_indices"])
+    assert frames[0].shape == (meta["resize"]["height"], meta["resize"]["width"], 3)
+    assert frames[0].std() > 10  # TAEF2 decodes a picture, not a flat field
+    assert main(["manifest", "sample", str(out), key, "--write", str(grid)]) == 0
+    rows = -(-len(meta["frame_indices"]) // 4)  # 4 frames a row, 2 px gaps
+    assert cv2.imread(str(grid)).shape[0] == rows * (meta["resize"]["height"] + 2) - 2
+    assert main(["manifest", "sample", str(out), "0000000000000000-0000000-0000001"]) == 1
+    assert main(["manifest", "show", str(out), "samples", "--where", f"key == '{key}'", "--columns", "key,shard"]) == 0
+    assert main(["manifest", "show", str(out), "samples", "--where", "no_such_column > 1"]) == 2
+
+
+def _member(out: Path, key: str, ext: str) -> bytes:
+    for shard in sorted((out / "shards").glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name == f"{key}.{ext}":
+                    return tar.extractfile(m).read()
+    raise KeyError(key)
 
 
 def test_manifest_stats_funnel(ray_session, videos_dir, tmp_path, capsys):
@@ -114,3 +161,52 @@ def test_manifest_stats_funnel(ray_session, videos_dir, tmp_path, capsys):
     assert stats["hours"]["videos"] == pytest.approx(2.0 / 3600, rel=0.05)
     assert main(["manifest", "stats", str(out)]) == 0
     assert "videos 1 -> videos_ok 1 -> clips 2 -> passed 1 -> samples 1" in capsys.readouterr().out
+
+
+def test_video_vae_with_posterior_text_embeddings_and_bf16(ray_session, videos_dir, tmp_path):
+    """A diffusers video VAE in the stage: frame counts on its 1+4k grid, logvar and text_emb members, bf16 bits."""
+    import webdataset as wds
+
+    from pipeline.shards.latents import latent_from_storage
+    from pipeline.shards.validate import validate_corpus
+
+    cfg = load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        [
+            "ray.progress=off",
+            "encode.vae=recap-tiny:wan",
+            "encode.num_frames=11",  # the grid gives 9
+            "encode.target_fps=12",
+            "encode.store_logvar=true",
+            "encode.latent_dtype=bfloat16",
+            "encode.text_encoder=recap-tiny:text_encoder",
+        ],
+    )
+    out = tmp_path / "wan"
+    results = run_pipeline(
+        cfg, str(out), inputs=[str(videos_dir / "issue-134-rotate.mp4")], stages=["ingest", "split", "encode"]
+    )
+    assert results[-1].counts["samples"] == 3
+    assert validate_corpus(str(out)) == []
+    run = json.loads((out / "manifest" / "run.json").read_text())["stages"]["encode"]
+    assert run["vae_temporal_factor"] == 4 and run["logvar_stored"] and run["latent_dtype"] == "bfloat16"
+    assert run["vae_spec"].endswith("vae_wan")
+    shards = [str(p) for p in sorted((out / "shards").glob("shard-*.tar"))]
+    seen = 0
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
+        logvar = np.load(io.BytesIO(sample["logvar.npy"]), allow_pickle=False)
+        emb = np.load(io.BytesIO(sample["text_emb.npy"]), allow_pickle=False)
+        assert len(meta["frame_indices"]) == 9 and latent.shape == logvar.shape == (4, 3, *latent.shape[2:])
+        assert latent.dtype == np.uint16 and meta["latent_dtype"] == "bfloat16"
+        values = latent_from_storage(latent, meta["latent_dtype"])
+        assert np.isfinite(values).all() and 0.05 < float(np.abs(values).mean()) < 50
+        assert emb.dtype == np.float16 and emb.ndim == 2 and emb.shape[1] == meta["text_emb_dim"] == 32
+        assert meta["vae"].startswith("diffusers:AutoencoderKLWan") and meta["vae_scaling_factor"] == 1.0
+        seen += 1
+    assert seen == 3
+    import pyarrow.dataset as pads
+
+    samples = pads.dataset(out / "manifest" / "samples").to_table().to_pylist()
+    assert all(r["latent_dtype"] == "bfloat16" and r["has_text_emb"] and r["logvar_stored"] for r in samples)

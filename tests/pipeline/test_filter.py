@@ -144,7 +144,7 @@ def test_clip_model_scores_every_clip_on_ray(ray_session, filtered, tiny_clip, t
         "filter.clip.device=cpu",
     ]
     cfg = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides)
-    run_pipeline(cfg, str(out), stages=["filter"])
+    run_pipeline(cfg, str(out), stages=["filter"], force=True)  # filtered before without CLIP: a new config
     clips = {Path(c["uri"]).stem: c for c in _table(out, "clips").to_pylist()}
     for clip in clips.values():
         assert len(clip["clip_embedding"]) == 32

@@ -76,8 +76,9 @@ def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp
     root, truth = sample_videos
     first = tmp_path / "first"
     second = tmp_path / "second"
-    run_pipeline(smoke_config, str(first), inputs=[str(root)])
-    run_pipeline(smoke_config, str(second), inputs=[str(root / "*.mp4")])
+    ids_only = ["ingest", "split"]  # ids are fixed by these two stages; later ones have their own tests
+    run_pipeline(smoke_config, str(first), inputs=[str(root)], stages=ids_only)
+    run_pipeline(smoke_config, str(second), inputs=[str(root / "*.mp4")], stages=ids_only)
     for name, key in (("videos", "video_id"), ("clips", "clip_id")):
         a = sorted(_table(first, name).column(key).to_pylist())
         b = sorted(_table(second, name).column(key).to_pylist())
@@ -86,8 +87,10 @@ def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp
     for name, cuts in truth.items():
         starts = sorted({c["scene_start_frame"] for c in clips if c["uri"].endswith(name)})
         assert starts[1:] == cuts
-    # Re-running split alone replaces its outputs instead of appending to them.
-    run_pipeline(smoke_config, str(first), stages=["split"])
+    # Re-running split alone with the same settings skips it; forced, it replaces its outputs (never appends).
+    (skipped,) = run_pipeline(smoke_config, str(first), stages=["split"])
+    assert skipped.skipped and skipped.counts["clips"] > 0
+    run_pipeline(smoke_config, str(first), stages=["split"], force=True)
     assert sorted(_table(first, "clips").column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in clips)
     assert not [p for p in (first / "manifest" / "clips").iterdir() if p.name.startswith(".")]
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
+import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.shards.validate import validate_corpus
-from pipeline.shards.writer import ShardWriter, sample_members, write_corpus_shards
+from pipeline.shards.writer import (
+    ShardWriter,
+    bucket_of,
+    end_size,
+    sample_members,
+    tar_header,
+    tar_pieces,
+    write_corpus_shards,
+)
 
 SHAPES = [(32, 3, 8, 12), (32, 3, 12, 8)]  # two aspect-ratio buckets
 
@@ -116,4 +127,247 @@ def test_manifest_validate_cli_exit_codes(corpus, capsys):
     assert main(["manifest", "validate", str(corpus)]) == 1
     assert "missing" in capsys.readouterr().err
     assert main(["manifest", "show", str(corpus), "samples", "--columns", "key,shard", "--limit", "3"]) == 0
-    assert "(3 of 24 rows)" in capsys.readouterr().out
+    assert "(3 of 24 " in capsys.readouterr().out  # "(3 of 24 rows)", or "(3 of 24 matching rows; ...)"
+
+
+def _members(n: int = 6, key_len: int = 0) -> list[tuple[dict, str]]:
+    """(tar members, bucket) of `n` samples; `key_len` pads keys to that length."""
+    out = []
+    for item in _samples(n):
+        key = item["key"].ljust(key_len, "k") if key_len else item["key"]
+        latent = item["latent"]
+        out.append((sample_members(key, latent, item["caption"], item["meta"]), bucket_of(latent.shape)))
+    return out
+
+
+def _write(out_dir, members, **kwargs):
+    writer = ShardWriter(str(out_dir), **kwargs)
+    for sample, bucket in members:
+        writer.write(sample, bucket)
+    return writer.close()
+
+
+def _reference_tar(samples: list[dict]) -> bytes:
+    """The same samples through the standard library's tarfile, as plain ustar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in sorted(k for k in sample if not k.startswith("_")):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(sample[ext]), 0, 0o444
+                info.uname = info.gname = "bigdata"
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    return buf.getvalue()
+
+
+def test_shards_are_deterministic_plain_ustar_with_their_sha256(tmp_path):
+    members = _members(8)
+    first = _write(tmp_path / "a", members, max_count=3)
+    second = _write(tmp_path / "b", members, max_count=3)
+    assert [(i.shard, i.num_samples, i.bytes, i.sha256) for i in first] == [
+        (i.shard, i.num_samples, i.bytes, i.sha256) for i in second
+    ]
+    by_shard: dict[str, list[tarfile.TarInfo]] = {}
+    for info in first:
+        data = (tmp_path / "a" / info.shard).read_bytes()
+        assert data == (tmp_path / "b" / info.shard).read_bytes()  # same samples, same bytes
+        assert len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256
+        assert len(data) % 10240 == 0
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            infos = tar.getmembers()
+            assert all(m.isreg() and m.mtime == 0 and m.mode == 0o444 and m.uid == m.gid == 0 for m in infos)
+            assert all(not m.pax_headers for m in infos)  # plain ustar: no pax records
+            by_shard[info.shard] = infos
+    # Byte-identical to what tarfile writes for the same members (in sorted extension order).
+    samples = [s for s, _ in members]
+    for info in first:
+        keys = {m.name.split(".", 1)[0] for m in by_shard[info.shard]}
+        in_shard = [s for s in samples if s["__key__"] in keys]
+        assert (tmp_path / "a" / info.shard).read_bytes() == _reference_tar(in_shard)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(i.shard for i in first)  # no temporaries
+
+
+def test_shard_bytes_are_pinned(tmp_path):
+    """A fixed sample gives the same shard on every machine and version: a change here changes every corpus."""
+    sample = {
+        "__key__": "golden-0000000-0000001",
+        "txt": b"a caption",
+        "json": b'{"fps": 24.0}',
+        "latent.npy": bytes(range(256)) * 300,  # large enough to be written as its own buffer
+    }
+    [info] = _write(tmp_path, [(sample, "b")])
+    assert (tmp_path / info.shard).read_bytes() == _reference_tar([sample])
+    assert (info.bytes, info.sha256) == (81920, "4868b8c4604c37ac94a0e6a3e2bd18978949c165f347820a6246b8f909983282")
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("0123456789abcdef-0000000-0000010.latent.npy", 573_568),
+        ("x.txt", 0),
+        ("a" * 96 + ".txt", 512),  # exactly 100 bytes
+        ("a" * 97 + ".json", 1),  # 102 bytes: pax path
+        ("dir/" * 30 + "key.txt", 7),  # 127 bytes with '/': ustar prefix
+        ("big.mp4", 8**11),  # too big for ustar's size field: pax size
+    ],
+)
+def test_tar_header_is_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
+    try:
+        expected = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    except ValueError:
+        expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    assert tar_header(name, size) == expected
+
+
+def test_long_member_names_round_trip(tmp_path):
+    import webdataset as wds
+
+    members = _members(4, key_len=140)  # KEY.latent.npy is 151 characters
+    infos = _write(tmp_path, members)
+    urls = [str(tmp_path / i.shard) for i in infos]
+    got = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert sorted(got) == sorted(s["__key__"] for s, _ in members)
+    for sample, _ in members:
+        assert all(got[sample["__key__"]][k] == sample[k] for k in ("latent.npy", "txt", "json"))
+    with tarfile.open(urls[0]) as tar:
+        assert all(len(m.name) > 100 for m in tar.getmembers())
+
+
+def test_size_and_count_bounds_are_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    max_bytes, max_count = 60_000, 5
+    members = []
+    for i in range(60):
+        shape = (4, 1, 8, int(rng.integers(1, 500)))
+        if i == 17:
+            shape = (4, 1, 8, 2000)  # one sample bigger than max_bytes alone
+        members.append((sample_members(f"k{i:04d}", np.zeros(shape, np.float16), "c" * int(i), {}), f"b{i % 3}"))
+    infos = _write(tmp_path, members, max_bytes=max_bytes, max_count=max_count)
+    sizes = {s["__key__"]: sum(len(p) for p in tar_pieces(s)) for s, _ in members}
+    order = {s["__key__"]: i for i, (s, _) in enumerate(members)}
+    keys_of = {}
+    for info in infos:
+        with tarfile.open(tmp_path / info.shard) as tar:
+            keys_of[info.shard] = sorted({m.name.split(".")[0] for m in tar.getmembers()}, key=order.get)
+        assert len(keys_of[info.shard]) == info.num_samples <= max_count
+        assert info.bytes == (tmp_path / info.shard).stat().st_size
+        assert info.bytes <= max_bytes or info.num_samples == 1
+    assert sum(i.num_samples for i in infos) == len(members)
+    assert any(i.num_samples == 1 and i.bytes > max_bytes for i in infos)
+    # Tight: a shard was closed only when the bucket's next sample would not fit (or the count was reached).
+    for bucket in {i.bucket for i in infos}:
+        shards = [i for i in infos if i.bucket == bucket]
+        shards.sort(key=lambda i: order[keys_of[i.shard][0]])
+        for shard, nxt in zip(shards, shards[1:], strict=False):
+            body = shard.bytes - end_size(sum(sizes[k] for k in keys_of[shard.shard]))
+            grown = body + sizes[keys_of[nxt.shard][0]]
+            assert shard.num_samples == max_count or grown + end_size(grown) > max_bytes
+
+
+def _check_store(fs, root: str, infos, members, tmp_path) -> None:
+    """The shards in the store parse with tarfile and webdataset and match ShardInfo; nothing else is left."""
+    import webdataset as wds
+
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.find(root))
+    assert left == sorted(i.shard for i in infos), left  # no .partial, no temporaries
+    expected = {s["__key__"]: s for s, _ in members}
+    seen = []
+    for info in infos:
+        data = fs.cat_file(f"{root}/{info.shard}")
+        assert len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert len(tar.getmembers()) == 3 * info.num_samples
+        local = tmp_path / "readback" / info.shard
+        local.parent.mkdir(exist_ok=True)
+        local.write_bytes(data)
+        for sample in wds.WebDataset(str(local), shardshuffle=False):
+            assert sample["latent.npy"] == expected[sample["__key__"]]["latent.npy"]
+            seen.append(sample["__key__"])
+    assert sorted(seen) == sorted(expected)
+
+
+def test_object_store_memory(tmp_path):
+    import fsspec
+
+    root = f"/recap-test-{uuid.uuid4().hex[:8]}/shards"
+    fs = fsspec.filesystem("memory")
+    members = _members(6)
+    writer = ShardWriter(f"memory://{root}", max_count=2)
+    for sample, bucket in members:
+        writer.write(sample, bucket)
+    infos = writer.close()
+    try:
+        assert len(infos) == 4 and not Path(writer.stage_dir).exists()
+        _check_store(fs, root, infos, members, tmp_path)
+    finally:
+        fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+@pytest.fixture()
+def s3_endpoint(monkeypatch):
+    """A local S3 API (moto's server in a thread) that s3:// URIs reach through s3fs."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}})
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield fsspec.filesystem("s3")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_object_store_s3(s3_endpoint, tmp_path):
+    fs = s3_endpoint
+    fs.mkdir("recap-test")
+    members = _members(6)
+    writers = [
+        ShardWriter("s3://recap-test/corpus/shards", max_count=2, writer_index=w, num_writers=2) for w in (0, 1)
+    ]
+    for i, (sample, bucket) in enumerate(members):
+        writers[i % 2].write(sample, bucket)  # two parallel writers into one prefix
+    infos = writers[0].close() + writers[1].close()
+    assert sorted(i.shard for i in infos) == [f"shard-{n:06d}.tar" for n in range(4)]
+    fs.invalidate_cache()
+    _check_store(fs, "recap-test/corpus/shards", infos, members, tmp_path)
+
+
+def test_short_writes_are_resumed(tmp_path, monkeypatch):
+    import pipeline.shards.writer as writer_module
+
+    members = _members(4)
+    expected = _write(tmp_path / "a", members)
+    real_writev = writer_module.os.writev
+
+    def short_writev(fd, buffers):  # the kernel may write less than asked: at most 1000 bytes here
+        first = bytes(memoryview(buffers[0])[:1000])
+        return real_writev(fd, [first]) if first else real_writev(fd, buffers[:2])
+
+    monkeypatch.setattr(writer_module.os, "writev", short_writev)
+    got = _write(tmp_path / "b", members)
+    assert [(i.shard, i.bytes, i.sha256) for i in got] == [(i.shard, i.bytes, i.sha256) for i in expected]
+    for info in got:
+        assert (tmp_path / "b" / info.shard).read_bytes() == (tmp_path / "a" / info.shard).read_bytes()
+
+
+def test_abort_keeps_finished_shards_and_drops_temporaries(tmp_path):
+    writer = ShardWriter(str(tmp_path), max_count=2)
+    for sample, _ in _members(5):
+        writer.write(sample, "one")
+    writer.abort()
+    assert [i.shard for i in writer.done] == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]

@@ -1,0 +1,42 @@
+"""Fault injection for crash tests: kill the driver after its n-th commit in a stage, or a stage actor once.
+
+Off unless the environment asks for it; costs one dict lookup per call otherwise.
+  RECAP_CRASH_AT=<stage>:<n>             the driver SIGKILLs itself right after its n-th commit in <stage>
+  RECAP_FAULTS_DIR=<dir>                 a <stage> actor exits its process (os._exit) when it finds the file
+                                          <dir>/kill-once-<stage> (set before Ray starts: workers inherit it)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_commits: Counter[str] = Counter()
+
+
+def after_commit(stage: str) -> None:
+    spec = os.environ.get("RECAP_CRASH_AT")
+    if not spec:
+        return
+    name, _, count = spec.partition(":")
+    if name != stage:
+        return
+    _commits[stage] += 1
+    if _commits[stage] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def actor_call(stage: str) -> None:
+    """Exit this actor's process if a test asked for it: `$RECAP_FAULTS_DIR/kill-once-<stage>` exists.
+
+    The request is taken by renaming it, so exactly one actor dies however many run."""
+    root = os.environ.get("RECAP_FAULTS_DIR")
+    if not root:
+        return
+    request = os.path.join(root, f"kill-once-{stage}")
+    try:
+        os.rename(request, os.path.join(root, f"killed-{stage}-{os.getpid()}"))
+    except FileNotFoundError:
+        return
+    os._exit(1)

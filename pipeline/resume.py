@@ -1,0 +1,180 @@
+"""Resuming a run: stage fingerprints and states in run.json, and per-stage checkpoints of finished work.
+
+A stage's fingerprint hashes the settings that change its output (not resources or devices) and the
+fingerprint of the stage it reads from. Re-running a finished stage with the same fingerprint skips it; with
+another, recap refuses unless forced. While a stage runs, each finished batch of work (videos, clips, shards)
+is committed to `manifest/_work/<stage>/` so a crashed run redoes only what was not committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import faults, manifest
+from pipeline.errors import StageInputError
+
+# The stage each stage reads from (its fingerprint is part of the next one's).
+UPSTREAM = {"ingest": None, "split": "ingest", "filter": "split", "caption": "filter", "encode": "caption"}
+# Settings that change how fast or where a stage runs, not what it writes: not part of a fingerprint.
+_RUNTIME_KEYS = {
+    "resources",
+    "prep_resources",
+    "preprocess_resources",
+    "device",
+    "batch_size",
+    "frames_per_batch",
+    "concurrency",
+}
+
+
+class ConfigChanged(StageInputError):
+    """A finished (or half-finished) stage would be re-run with other settings: refused unless forced."""
+
+
+def _stable(section: Any) -> Any:
+    if isinstance(section, dict):
+        return {k: _stable(v) for k, v in sorted(section.items()) if k not in _RUNTIME_KEYS}
+    if isinstance(section, list):
+        return [_stable(v) for v in section]
+    return section
+
+
+def stage_settings(config: Any, stage: str) -> dict[str, Any]:
+    """The part of the config that decides what `stage` writes."""
+    return _stable(config.to_dict()[stage])
+
+
+def fingerprint(settings: dict[str, Any], upstream: str | None, extra: Any = None) -> str:
+    blob = json.dumps({"settings": settings, "upstream": upstream, "extra": extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _diff(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{path}.{key}")
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+class RunState:
+    """The stages' states in run.json: what ran, with which fingerprint, and whether it finished."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def stages(self) -> dict[str, Any]:
+        return manifest.read_run_json(self.out).get("stages", {})
+
+    def fingerprint_of(self, stage: str | None) -> str | None:
+        if stage is None:
+            return None
+        return self.stages().get(stage, {}).get("fingerprint")
+
+    def decide(self, stage: str, fp: str, settings: dict[str, Any], force: bool) -> str:
+        """'skip' (done, same settings), 'resume' (started, same settings) or 'run'; raises ConfigChanged."""
+        state = self.stages().get(stage)
+        if not state or "fingerprint" not in state:
+            return "run"
+        if state["fingerprint"] == fp:
+            return "skip" if state.get("status") == "done" else "resume"
+        if state.get("status") == "stale" or force:
+            return "run"
+        changes = _diff(state.get("settings", {}), settings, stage)
+        why = "; ".join(changes) if changes else f"the {UPSTREAM[stage]} stage it reads from changed"
+        done = "finished" if state.get("status") == "done" else "started"
+        raise ConfigChanged(
+            f"{self.out}: the {stage} stage {done} with other settings ({why}). Refusing to mix outputs: "
+            f"re-run with --force to redo {stage} (and mark the stages after it for re-running), or use another "
+            "--output"
+        )
+
+    def start(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any]) -> None:
+        self._update(config, stage, {"status": "running", "fingerprint": fp, "settings": settings})
+
+    def finish(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any], info: dict) -> None:
+        self._update(config, stage, {**info, "status": "done", "fingerprint": fp, "settings": settings})
+
+    def mark_stale_after(self, stage: str, config: dict[str, Any]) -> None:
+        """Stages downstream of a re-run stage read outputs that changed: they re-run without --force."""
+        order = list(UPSTREAM)
+        for later in order[order.index(stage) + 1 :]:
+            state = self.stages().get(later)
+            if state and state.get("status") != "stale":
+                manifest.update_run_json(self.out, config, later, {**state, "status": "stale"}, keep=True)
+
+    def _update(self, config: dict[str, Any], stage: str, info: dict[str, Any]) -> None:
+        manifest.update_run_json(self.out, config, stage, info)
+
+
+class StageCheckpoint:
+    """Committed results of a stage's finished work under `manifest/_work/<stage>/`, one Parquet part per commit.
+
+    A part appears under its final name only when whole (temporary name, then rename); a checkpoint written
+    with another fingerprint is discarded on open.
+    """
+
+    def __init__(self, out: str, stage: str, fp: str):
+        self.stage = stage
+        self.fs, self.dir = manifest._fs(f"{out.rstrip('/')}/manifest/_work/{stage}")
+        marker = f"{self.dir}/fingerprint"
+        if self.fs.exists(self.dir):
+            old = self.fs.cat_file(marker).decode() if self.fs.exists(marker) else None
+            if old != fp:
+                self.fs.rm(self.dir, recursive=True)
+        self.fs.makedirs(self.dir, exist_ok=True)
+        if not self.fs.exists(marker):
+            self.fs.pipe_file(marker, fp.encode())
+        for path in self.fs.ls(self.dir, detail=False):
+            if path.rsplit("/", 1)[-1].startswith("."):  # a part whose write a crash interrupted
+                self.fs.rm(path, recursive=True)
+        self._seq = len(self.parts())
+
+    def parts(self) -> list[str]:
+        return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".parquet"))
+
+    def commit(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        name = f"part-{self._seq:06d}-{uuid.uuid4().hex[:6]}.parquet"
+        tmp = f"{self.dir}/.{name}.tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+        self.fs.mv(tmp, f"{self.dir}/{name}")
+        self._seq += 1
+        faults.after_commit(self.stage)
+
+    def read(self, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table | None:
+        tables = []
+        for path in self.parts():
+            with self.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns, schema=schema))
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def save_meta(self, meta: dict[str, Any]) -> None:
+        """Facts about the work (e.g. which VAE made the latents) that a resumed run must report too."""
+        self.fs.pipe_file(f"{self.dir}/meta.json", json.dumps(meta, sort_keys=True).encode())
+
+    def load_meta(self) -> dict[str, Any]:
+        path = f"{self.dir}/meta.json"
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+
+    def done(self, column: str) -> set[str]:
+        table = self.read(columns=[column])
+        return set(table.column(column).to_pylist()) if table is not None else set()
+
+    def clear(self) -> None:
+        if self.fs.exists(self.dir):
+            self.fs.rm(self.dir, recursive=True)
+        parent = self.dir.rsplit("/", 1)[0]
+        if self.fs.exists(parent) and not self.fs.ls(parent, detail=False):
+            self.fs.rm(parent, recursive=True)

@@ -1,0 +1,137 @@
+"""Crash and resume: a driver killed at several points, a killed actor, a changed config, leftovers repaired.
+
+The killed runs are real `recap run` processes that SIGKILL themselves right after a chosen commit
+(pipeline/faults.py), i.e. at the worst moment for the data; the corpus finished by re-running the same
+command must equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.config import load_config
+from pipeline.resume import ConfigChanged
+from pipeline.runner import run_pipeline
+from pipeline.shards.validate import validate_corpus
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES = ["ray.progress=off", "encode.shard_max_count=1"]  # one sample a shard: several shard commits
+
+
+def _table(out: Path, name: str) -> list[dict]:
+    return (
+        pads.dataset(str(out / "manifest" / name), format="parquet", ignore_prefixes=[".", "_"]).to_table().to_pylist()
+    )
+
+
+def _corpus(out: Path) -> dict[str, str]:
+    samples = _table(out, "samples")
+    keys = [s["key"] for s in samples]
+    assert len(keys) == len(set(keys)), "duplicate sample keys"
+    return {s["key"]: s["caption"] for s in samples}
+
+
+def _leftovers(out: Path) -> list[str]:
+    bad = []
+    for path in out.rglob("*"):
+        name = path.name
+        if name.endswith((".tmp", ".partial")) or ".new-" in name or ".old-" in name or name == "_work":
+            bad.append(str(path.relative_to(out)))
+    return bad
+
+
+@pytest.fixture(scope="module")
+def inputs(sample_videos) -> list[str]:
+    root, _truth = sample_videos
+    return [str(p) for p in sorted(Path(root).glob("*.mp4"))[:2]]
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    run_pipeline(load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES), str(out), inputs=inputs)
+    assert _corpus(out)
+    return out
+
+
+def _recap_run(out: Path, inputs: list[str], crash_at: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.yaml", "--output", str(out)]
+    for o in OVERRIDES:
+        argv += ["--set", o]
+    env = {**os.environ, "RECAP_CRASH_AT": crash_at}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(argv + ["--input", *inputs], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+
+
+def test_driver_killed_at_three_points_then_resumed(baseline, inputs, tmp_path):
+    out = tmp_path / "crashed"
+    for crash_at in ("split:1", "caption:1", "encode:1"):  # early, mid-caption, mid-shard-write
+        proc = _recap_run(out, inputs, crash_at)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+    assert state["caption"]["status"] == "done" and state["encode"]["status"] == "running"
+    assert list((out / "shards").glob("shard-*.tar")), "the killed run had committed a shard"
+    results = run_pipeline(load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES), str(out), inputs=inputs)
+    assert [r.skipped for r in results] == [True, True, True, True, False]
+    assert results[-1].resumed >= 1  # the shard committed before the kill was kept, not redone
+    assert validate_corpus(str(out)) == []
+    assert _corpus(out) == _corpus(baseline)
+    assert _leftovers(out) == []
+
+
+def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, tmp_path):
+    faults = Path(os.environ["RECAP_FAULTS_DIR"])  # set by conftest before Ray started
+    (faults / "kill-once-split").write_text("")
+    out = tmp_path / "actor"
+    run_pipeline(
+        load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES),
+        str(out),
+        inputs=inputs,
+        stages=["ingest", "split"],
+    )
+    assert list(faults.glob("killed-split-*")), "no split actor was killed"
+    clips = sorted(c["clip_id"] for c in _table(out, "clips"))
+    assert clips == sorted(c["clip_id"] for c in _table(baseline, "clips"))
+
+
+def test_changed_config_is_refused_then_forced(baseline, inputs, tmp_path):
+    import shutil
+
+    out = tmp_path / "changed"
+    shutil.copytree(baseline, out)
+    changed = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*OVERRIDES, "filter.thresholds.motion.min=0.7"])
+    with pytest.raises(ConfigChanged, match=r"filter\.thresholds\.motion\.min: 0\.5 -> 0\.7.*--force"):
+        run_pipeline(changed, str(out), inputs=inputs)
+    assert _corpus(out) == _corpus(baseline)  # refused before any work: nothing touched
+    run_pipeline(changed, str(out), stages=["filter"], force=True)
+    stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+    assert stages["filter"]["status"] == "done" and stages["caption"]["status"] == "stale"
+    assert stages["encode"]["status"] == "stale"
+    # Stale stages re-run without --force: they read the new filter output.
+    results = run_pipeline(changed, str(out), stages=["caption", "encode"])
+    assert not any(r.skipped for r in results) and validate_corpus(str(out)) == []
+
+
+def test_interrupted_table_swap_is_repaired(tmp_path):
+    import pyarrow as pa
+
+    from pipeline import manifest
+    from pipeline.schema import REJECTS_SCHEMA
+
+    out = str(tmp_path)
+    row = {"stage": "split", "item_id": "a", "uri": "u", "reason": "too_short", "detail": "d"}
+    manifest.write_table(out, "rejects", pa.Table.from_pylist([row], schema=REJECTS_SCHEMA), prefix="split")
+    writer = manifest.TableWriter(out, "rejects", "split", schema=REJECTS_SCHEMA)
+    writer.write_rows([row, {**row, "item_id": "b"}])
+    writer._flush()  # the new copy is whole but the process dies before the swap
+    assert [r["item_id"] for r in _table(tmp_path, "rejects")] == ["a"]  # readers see the old copy only
+    assert manifest.recover_tables(out) and _leftovers(tmp_path) == []
+    assert [r["item_id"] for r in _table(tmp_path, "rejects")] == ["a"]

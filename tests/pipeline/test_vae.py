@@ -1,0 +1,111 @@
+"""Tiny random diffusers VAEs (image and video) saved and loaded back through from_pretrained, behind recap's
+Vae interface: latent shapes, frame grids, normalisation and the stored posterior."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.vae.load import VaeError, load_vae, vae_geometry
+from pipeline.vae.tiny import ensure_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def kl():
+    return load_vae("recap-tiny:autoencoder_kl")
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return load_vae("recap-tiny:wan")
+
+
+def _frames(t: int, h: int = 32, w: int = 48, b: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (t, 3, h, w) if b is None else (b, t, 3, h, w)
+    return torch.rand(shape, generator=g)
+
+
+def test_image_vae_latents_and_normalisation(kl):
+    import diffusers
+
+    assert kl.kind == "diffusers" and kl.temporal_factor == 1 and kl.spatial_factor == 8
+    assert (kl.scaling_factor, kl.shift_factor) == (0.5, 0.1)
+    x = _frames(3)
+    posterior = kl.encode(x)
+    assert posterior.mean.shape == (4, 3, 4, 6) and posterior.logvar.shape == (4, 3, 4, 6)
+    # The same weights read by diffusers directly: z = (mu - shift) * scaling, frames in [-1, 1].
+    raw = diffusers.AutoencoderKL.from_pretrained(str(ensure_tiny_vae("autoencoder_kl"))).eval()
+    with torch.no_grad():
+        dist = raw.encode(x * 2 - 1).latent_dist
+    expected = ((dist.mean - 0.1) * 0.5).transpose(0, 1)  # (T, C, h, w) -> (C, T, h, w)
+    torch.testing.assert_close(posterior.mean, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(posterior.logvar, (dist.logvar + 2 * torch.log(torch.tensor(0.5))).transpose(0, 1))
+    with torch.no_grad():
+        decoded_raw = (raw.decode(dist.mean).sample + 1) / 2
+    torch.testing.assert_close(kl.decode(posterior.mean), decoded_raw.clamp(0, 1), atol=1e-4, rtol=1e-3)
+
+
+def test_image_vae_batches_frames_without_changing_results(kl):
+    x = _frames(5, b=2)
+    whole = kl.encode(x).mean
+    kl.frames_per_batch, saved = 2, kl.frames_per_batch
+    try:
+        chunked = kl.encode(x).mean
+    finally:
+        kl.frames_per_batch = saved
+    assert whole.shape == (2, 4, 5, 4, 6)
+    torch.testing.assert_close(whole, chunked, atol=1e-5, rtol=1e-4)
+
+
+def test_video_vae_frame_grid_and_statistics(wan):
+    import diffusers
+
+    assert wan.temporal_factor == 4 and wan.spatial_factor == 8 and wan.is_video
+    posterior = wan.encode(_frames(9))
+    assert posterior.mean.shape == (4, 3, 4, 6)  # 1 + 8/4 latent frames
+    assert wan.decode(posterior.mean).shape == (9, 3, 32, 48)
+    raw = diffusers.AutoencoderKLWan.from_pretrained(str(ensure_tiny_vae("wan"))).eval()
+    with torch.no_grad():
+        mu = raw.encode((_frames(9) * 2 - 1).transpose(0, 1)[None]).latent_dist.mean[0]
+        # Checked here: off the 1+4k grid, diffusers drops frames without a word (7 frames decode to 5).
+        short = raw.encode(torch.zeros(1, 3, 7, 32, 48)).latent_dist.mean
+        assert raw.decode(short).sample.shape[2] == 5
+    mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(-1, 1, 1, 1)
+    std = torch.tensor([1.5, 0.8, 1.2, 1.0]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(posterior.mean, (mu - mean) / std, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="frame grid 1 \\+ k\\*4"):
+        wan.encode(_frames(7))
+
+
+def test_geometry_without_weights_and_bad_specs(tmp_path):
+    class Cfg:
+        vae_fallback = None
+        vae_subfolder = None
+
+    for spec, expected in (("recap-tiny:wan", (4, 8)), ("recap-tiny:autoencoder_kl", (1, 8))):
+        Cfg.vae = spec
+        assert vae_geometry(Cfg) == expected
+    with pytest.raises(VaeError, match="does not exist"):
+        load_vae(str(tmp_path / "missing"))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(VaeError, match="UNet2DConditionModel.*supported diffusers VAEs: AutoencoderKL"):
+        load_vae(str(tmp_path / "unet"))
+    # A whole pipeline directory: its vae/ subfolder is found.
+    pipe = tmp_path / "pipe"
+    (pipe / "vae").mkdir(parents=True)
+    for f in ensure_tiny_vae("autoencoder_kl").iterdir():
+        if f.suffix in (".json", ".safetensors") and f.name != "recap_tiny_model.json":
+            (pipe / "vae" / f.name).write_bytes(f.read_bytes())
+    assert load_vae(str(pipe)).vae_id.endswith("/vae")
+
+
+def test_weights_hash_ignores_file_format_but_not_weights(kl, tmp_path):
+    from pipeline.vae.load import weights_sha256
+
+    same = load_vae("recap-tiny:autoencoder_kl")
+    assert same.sha256 == kl.sha256
+    with torch.no_grad():
+        next(same.model.parameters()).add_(1e-3)
+    assert weights_sha256(same.model) != kl.sha256
