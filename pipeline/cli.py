@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--write", metavar="PATH", help="write the decoded frames: .mp4 video or .png/.jpg frame grid")
     one.add_argument("--device", default="cpu", help="device for the VAE decoder (cpu, cuda)")
 
+    p = sub.add_parser("report", help="write a static HTML report of a corpus to OUT/report/index.html")
+    p.add_argument("output", help="corpus directory (local)")
+    p.add_argument("--plan", type=float, metavar="HOURS_OF_VIDEO", help="project time and storage for this much video")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs of the cluster for --plan (default 0)")
+    p.add_argument("--cpus", type=int, help="CPUs of the cluster for --plan (default: this machine's)")
+    p.add_argument("--no-thumbnails", action="store_true", help="skip decoding frames for the gallery's strips")
+
+    from trainer.cli import add_commands as add_trainer_commands  # argparse only: keeps `recap --help` fast
+
+    add_trainer_commands(sub)  # `recap train`, `recap sample`
+
     p = sub.add_parser("config", help="show the resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config with every default filled in")
@@ -133,12 +144,28 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides)
 
 
+# The unit each stage's throughput is counted in (a key of its counts).
+_RATE_UNITS = {"ingest": "files", "split": "frames", "filter": "clips", "caption": "clips", "encode": "samples"}
+
+
 def _print_summary(results: list[Any], output: str) -> None:
+    from pipeline import manifest
+
     print(f"\nrecap finished: {output}")
     for result in results:
-        print("  " + result.summary_line())
+        unit = _RATE_UNITS.get(result.stage)
+        done = result.counts.get(unit or "", 0)
+        rate = (
+            f"  [{done / result.seconds:,.1f} {unit}/s]" if done and result.seconds > 0 and not result.skipped else ""
+        )
+        print("  " + result.summary_line() + rate)
     total_rejects = sum(sum(r.rejects_by_reason.values()) for r in results)
     print(f"  rejects recorded: {total_rejects} (see {output.rstrip('/')}/manifest/rejects)")
+    if results and not any(r.stage.endswith("(dry run)") for r in results):
+        stats = manifest.corpus_stats(output)
+        print("  funnel: " + " -> ".join(f"{k} {v:,}" for k, v in stats["funnel"].items()))
+        for key, count in sorted(stats["rejects"].items(), key=lambda kv: -kv[1]):
+            print(f"    rejected {key}: {count:,}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -324,6 +351,25 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import PlanRequest, build_report
+
+    try:
+        plan = (
+            PlanRequest(args.plan, args.gpus, args.cpus if args.cpus is not None else os.cpu_count() or 1)
+            if args.plan is not None
+            else None
+        )
+        result = build_report(args.output, plan=plan, thumbnails=not args.no_thumbnails)
+    except ValueError as exc:  # --plan/--gpus/--cpus out of range
+        print(f"recap: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {result.path} ({result.clips:,} clips, {result.thumbnails:,} thumbnails, {result.seconds:.1f} s)")
+    for line in result.plan.lines() if result.plan else []:
+        print(line)
+    return 0
+
+
 _HANDLERS = {
     "run": _cmd_run,
     "ingest": _cmd_stage,
@@ -336,6 +382,7 @@ _HANDLERS = {
     "config": _cmd_config,
     "samples": _cmd_samples,
     "quickstart": _cmd_quickstart,
+    "report": _cmd_report,
 }
 
 
@@ -350,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.io.sources import InputError
 
     try:
-        return _HANDLERS[args.command](args)
+        handler = getattr(args, "handler", None) or _HANDLERS[args.command]
+        return handler(args)
     except (ConfigError, InputError, StageInputError) as exc:
         print(f"recap: error: {exc}", file=sys.stderr)
         return 2

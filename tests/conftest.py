@@ -186,3 +186,34 @@ def tiny_clip(tmp_path_factory) -> dict:
     paths = build_tiny_clip(root)
     state = torch.load(paths["checkpoint"], map_location="cpu", weights_only=True)
     return {"root": root, "state": state, **paths}
+
+
+@pytest.fixture(scope="session")
+def sample_corpora(ray_session, sample_videos, tmp_path_factory) -> dict:
+    """One small corpus built once for every test that only reads one (report, resume baseline):
+    two sample videos through ingest, split and filter (copied as `partial`), then caption and encode (`full`).
+
+    Tests must not change these directories (copy them first); `overrides` and `inputs` rebuild the same corpus.
+    """
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    sample_dir, _truth = sample_videos
+    shared = _shared_dir()
+    vae = str(shared / "data" / "models" / "taef2") if shared else "recap-tiny:taesd"
+    overrides = [
+        "ray.progress=off",
+        "filter.clip.model=null",
+        f"encode.vae={vae}",
+        "encode.shard_max_count=1",  # one sample a shard: a run commits several shards
+    ]
+    inputs = [str(sample_dir / "sample-quick-cuts.mp4"), str(sample_dir / "sample-three-shots.mp4")]
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides)
+    root = tmp_path_factory.mktemp("sample_corpora")
+    full, partial = root / "corpus", root / "partial"
+    run_pipeline(config, str(full), inputs=inputs, stages=["ingest", "split", "filter"])
+    shutil.copytree(full, partial)
+    run_pipeline(config, str(full), stages=["caption", "encode"])
+    return {"full": full, "partial": partial, "inputs": inputs, "overrides": overrides}

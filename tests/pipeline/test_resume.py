@@ -23,7 +23,6 @@ from pipeline.runner import run_pipeline
 from pipeline.shards.validate import validate_corpus
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-OVERRIDES = ["ray.progress=off", "encode.shard_max_count=1"]  # one sample a shard: several shard commits
 
 
 def _table(out: Path, name: str) -> list[dict]:
@@ -49,37 +48,40 @@ def _leftovers(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def inputs(sample_videos) -> list[str]:
-    root, _truth = sample_videos
-    return [str(p) for p in sorted(Path(root).glob("*.mp4"))[:2]]
+def inputs(sample_corpora) -> list[str]:
+    return sample_corpora["inputs"]
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_session, inputs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    run_pipeline(load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES), str(out), inputs=inputs)
-    assert _corpus(out)
-    return out
+def overrides(sample_corpora) -> list[str]:
+    return sample_corpora["overrides"]
 
 
-def _recap_run(out: Path, inputs: list[str], crash_at: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def baseline(sample_corpora) -> Path:
+    """The uninterrupted run (shared, read-only): same inputs and settings as the crashed runs below."""
+    assert _corpus(sample_corpora["full"])
+    return sample_corpora["full"]
+
+
+def _recap_run(out: Path, inputs: list[str], overrides: list[str], crash_at: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.yaml", "--output", str(out)]
-    for o in OVERRIDES:
+    for o in overrides:
         argv += ["--set", o]
     env = {**os.environ, "RECAP_CRASH_AT": crash_at}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(argv + ["--input", *inputs], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
 
 
-def test_driver_killed_at_three_points_then_resumed(baseline, inputs, tmp_path):
+def test_driver_killed_at_three_points_then_resumed(baseline, inputs, overrides, tmp_path):
     out = tmp_path / "crashed"
     for crash_at in ("split:1", "caption:1", "encode:1"):  # early, mid-caption, mid-shard-write
-        proc = _recap_run(out, inputs, crash_at)
+        proc = _recap_run(out, inputs, overrides, crash_at)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     state = json.loads((out / "manifest" / "run.json").read_text())["stages"]
     assert state["caption"]["status"] == "done" and state["encode"]["status"] == "running"
     assert list((out / "shards").glob("shard-*.tar")), "the killed run had committed a shard"
-    results = run_pipeline(load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES), str(out), inputs=inputs)
+    results = run_pipeline(load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides), str(out), inputs=inputs)
     assert [r.skipped for r in results] == [True, True, True, True, False]
     assert results[-1].resumed >= 1  # the shard committed before the kill was kept, not redone
     assert validate_corpus(str(out)) == []
@@ -87,12 +89,12 @@ def test_driver_killed_at_three_points_then_resumed(baseline, inputs, tmp_path):
     assert _leftovers(out) == []
 
 
-def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, tmp_path):
+def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, overrides, tmp_path):
     faults = Path(os.environ["RECAP_FAULTS_DIR"])  # set by conftest before Ray started
     (faults / "kill-once-split").write_text("")
     out = tmp_path / "actor"
     run_pipeline(
-        load_config(PROJECT_ROOT / "configs" / "smoke.yaml", OVERRIDES),
+        load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides),
         str(out),
         inputs=inputs,
         stages=["ingest", "split"],
@@ -102,12 +104,12 @@ def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, tmp_path):
     assert clips == sorted(c["clip_id"] for c in _table(baseline, "clips"))
 
 
-def test_changed_config_is_refused_then_forced(baseline, inputs, tmp_path):
+def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_path):
     import shutil
 
     out = tmp_path / "changed"
     shutil.copytree(baseline, out)
-    changed = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*OVERRIDES, "filter.thresholds.motion.min=0.7"])
+    changed = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*overrides, "filter.thresholds.motion.min=0.7"])
     with pytest.raises(ConfigChanged, match=r"filter\.thresholds\.motion\.min: 0\.5 -> 0\.7.*--force"):
         run_pipeline(changed, str(out), inputs=inputs)
     assert _corpus(out) == _corpus(baseline)  # refused before any work: nothing touched

@@ -1,0 +1,203 @@
+"""Typed configuration of a training run, loaded from one YAML file (configs/train-tiny.yaml).
+
+Defaults live here; a wrong key or value fails at load time with a message naming the key, the value given and
+what is allowed. The resolved config is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.config import ConfigError
+
+
+class TrainConfigError(ConfigError):
+    """A training config file or value is wrong; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    preset: str = Field("tiny", description="size preset: tiny, S, B, L, XL, 1B (trainer.model.PRESETS)")
+    hidden_size: int | None = Field(None, ge=8, description="override the preset's width")
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0)
+    patch_size: tuple[int, int, int] | None = Field(None, description="(pt, ph, pw) in latent cells")
+    qk_norm: bool = True
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from trainer.model import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset; allowed: {', '.join(PRESETS)}")
+        return value
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError("every patch side must be >= 1")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "patch_size": self.patch_size,
+            "qk_norm": self.qk_norm,
+        }
+
+
+class DataConfig(_Section):
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch on each rank; one latent shape per batch")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    resampled: bool = Field(True, description="draw shards with replacement (infinite stream); false: epochs")
+    window_shards: int = Field(
+        4, ge=1, description="shards read per window; shuffling, bucketing and resume positions are per window"
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="samples in the shuffle buffer (within a window)")
+    seed: int = 0
+    min_scores: dict[str, float] = Field(
+        default_factory=dict, description="manifest filter, e.g. {score_aesthetic: 4.5}: keep samples at or above"
+    )
+    max_scores: dict[str, float] = Field(default_factory=dict, description="manifest filter: keep at or below")
+    text_encoder: str | None = Field(
+        None, description="transformers text encoder for captions without KEY.text_emb.npy (hub id or path)"
+    )
+    text_max_length: int = Field(256, ge=1)
+    trust_remote_code: bool = False
+
+
+class ObjectiveConfig(_Section):
+    t_mean: float = Field(0.0, description="logit-normal timestep sampling: mean of the normal")
+    t_std: float = Field(1.0, gt=0, description="logit-normal timestep sampling: std of the normal")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training without the caption (CFG)")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio at train.steps")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null: no clipping")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+class LoopConfig(_Section):
+    steps: int = Field(1000, ge=1, description="optimizer steps of the run (also the LR schedule's length)")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    compile: bool = Field(False, description="torch.compile the model")
+    activation_checkpointing: bool = False
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="with several processes: auto = FSDP on GPU for presets of >= fsdp_min_params, else DDP"
+    )
+    fsdp_min_params: int = Field(300_000_000, ge=0)
+    log_every: int = Field(10, ge=1, description="console line every N steps (metrics.jsonl gets every step)")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars under RUN_DIR/tensorboard")
+    log_batch_keys: bool = Field(False, description="write each step's sample keys to metrics.jsonl (debugging)")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="per-GPU peak bf16 TFLOP/s for MFU; null: looked up from the GPU name"
+    )
+
+
+class SampleConfig(_Section):
+    steps: int = Field(30, ge=1)
+    cfg_scale: float = Field(5.0, ge=0)
+    shift: float = Field(1.0, gt=0, description="timestep shift; > 1 spends more steps at high noise")
+    fps: float = Field(8.0, gt=0)
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return model
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return model
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(_model_at(loc[:-1]).model_fields))
+        return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
+    if err["type"] in ("model_type", "dict_type"):
+        return f"{key}: expected a mapping of keys, got {value!r}"
+    return f"{key}: {value!r} is not allowed: {err['msg']}"
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> TrainConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"invalid training config ({source}): the top level must be a mapping")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise TrainConfigError(f"invalid training config ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML training config (or the defaults) with `key.sub=value` overrides applied."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise TrainConfigError(f"cannot read training config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise TrainConfigError(f"training config {path} is not valid YAML: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise TrainConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"override {dotted}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(data, source)
