@@ -7,7 +7,7 @@ the value given and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -329,9 +329,12 @@ class RecapConfig(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
     """The config class that owns the key at `loc`, to list its allowed keys."""
-    model: type[BaseModel] = RecapConfig
+    model = root
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None:
@@ -344,48 +347,54 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(root: type[BaseModel], err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<root>"
     value = err.get("input")
     if err["type"] == "extra_forbidden":
-        owner = _model_at(loc[:-1])
-        allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+        allowed = ", ".join(sorted(_model_at(root, loc[:-1]).model_fields))
         return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
-    if err["type"] == "model_type" or err["type"] == "dict_type":
+    if err["type"] in ("model_type", "dict_type"):
         return f"{key}: expected a mapping of keys, got {value!r}"
     return f"{key}: {value!r} is not allowed: {err['msg']}"
 
 
-def _raise_config_error(exc: ValidationError, source: str) -> None:
-    lines = [_describe(e) for e in exc.errors(include_url=False)]
-    raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
-
-
-def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RecapConfig:
+def validate_config(
+    root: type[_M], data: dict[str, Any] | None, source: str, error: type[ConfigError] = ConfigError
+) -> _M:
+    """`data` as a `root` config; any problem raises `error` naming every bad key, its value and what is allowed."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(data).__name__}")
+        raise error(f"invalid config ({source}): the top level must be a mapping, got {type(data).__name__}")
     try:
-        return RecapConfig.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
-        _raise_config_error(exc, source)
-        raise  # unreachable; keeps type checkers content
+        lines = [_describe(root, e) for e in exc.errors(include_url=False)]
+        raise error(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RecapConfig:
+    return validate_config(RecapConfig, data, source)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, error: type[ConfigError]) -> None:
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
+            raise error(f"override {dotted}: {part} is not a section")
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecapConfig:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+def load_yaml_config(
+    root: type[_M],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    error: type[ConfigError] = ConfigError,
+) -> _M:
+    """A YAML file (or the defaults when `path` is None) with `key.sub=value` overrides, as a `root` config."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -393,14 +402,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            raise error(f"cannot read config file {path}: {exc.strerror}") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise error(f"config file {path} is not valid YAML: {exc}") from None
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise error(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return config_from_dict(data, source)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw), error)
+    return validate_config(root, data, source, error)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecapConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    return load_yaml_config(RecapConfig, path, overrides)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_yaml_config, validate_config
 
 
 class TrainConfigError(ConfigError):
@@ -139,65 +138,10 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return model
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return model
-    return model
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "<root>"
-    value = err.get("input")
-    if err["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(_model_at(loc[:-1]).model_fields))
-        return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
-    if err["type"] in ("model_type", "dict_type"):
-        return f"{key}: expected a mapping of keys, got {value!r}"
-    return f"{key}: {value!r} is not allowed: {err['msg']}"
-
-
 def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> TrainConfig:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"invalid training config ({source}): the top level must be a mapping")
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors(include_url=False)]
-        raise TrainConfigError(f"invalid training config ({source}):\n  " + "\n  ".join(lines)) from None
+    return validate_config(TrainConfig, data, source, TrainConfigError)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A YAML training config (or the defaults) with `key.sub=value` overrides applied."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise TrainConfigError(f"cannot read training config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise TrainConfigError(f"training config {path} is not valid YAML: {exc}") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise TrainConfigError(f"override {item!r} must look like key.sub=value")
-        dotted, raw = item.split("=", 1)
-        node = data
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"override {dotted}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return config_from_dict(data, source)
+    return load_yaml_config(TrainConfig, path, overrides, TrainConfigError)

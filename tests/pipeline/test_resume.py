@@ -117,9 +117,9 @@ def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_
     stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
     assert stages["filter"]["status"] == "done" and stages["caption"]["status"] == "stale"
     assert stages["encode"]["status"] == "stale"
-    # Stale stages re-run without --force: they read the new filter output.
-    results = run_pipeline(changed, str(out), stages=["caption", "encode"])
-    assert not any(r.skipped for r in results) and validate_corpus(str(out)) == []
+    # A stale stage re-runs without --force: it reads the new filter output.
+    (result,) = run_pipeline(changed, str(out), stages=["caption"])
+    assert not result.skipped and result.counts["clips"] > 0
 
 
 def test_interrupted_table_swap_is_repaired(tmp_path):
