@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainer.checkpoint import load_checkpoint, resolve_checkpoint
@@ -77,23 +75,12 @@ def latent_shape_for(
 
 
 def write_mp4(frames: torch.Tensor, path: str | Path, fps: float = 8.0) -> None:
-    """(T, 3, H, W) frames in [0, 1] -> H.264 yuv420p mp4 (H and W must be even)."""
-    import av
+    """(T, 3, H, W) frames in [0, 1] -> H.264 mp4, through the pipeline's own writer."""
+    from pipeline.video.transcode import write_rgb_video
 
     array = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    t, h, w, _ = array.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 needs even frame sides, got {w}x{h}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in array:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_rgb_video(str(path), array, fps)
 
 
 def sample_video(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,36 +24,18 @@ def strip_times(start_s: float, end_s: float, frames: int = FRAMES_PER_STRIP) ->
     return [start_s + span * (i + 0.5) / frames for i in range(frames)]
 
 
-def _frames_from(container: Any, stream: Any, start_s: float) -> Iterator[tuple[Any, float]]:
-    """(frame, presentation time) from `start_s` on, after one seek to the keyframe before it.
-
-    (`pipeline.video.decode.decode_from` sets the thread count on every call, which PyAV refuses once a container
-    has decoded: here one container serves every clip of its video.)"""
-    tb = stream.time_base
-    if tb and start_s > 0:
-        container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
-        if frame.pts is None or not tb:
-            continue
-        t = float(frame.pts * tb)
-        if t >= start_s - 1e-6:
-            yield frame, t
-
-
 def _video_strips(uri: str, clips: list[dict[str, Any]], out_dir: str, height: int) -> dict[str, str]:
     import cv2
 
-    from pipeline.video.decode import open_video
+    from pipeline.video.decode import decode_from, open_video
 
     written: dict[str, str] = {}
     try:
         with open_video(uri) as container:
-            stream = container.streams.video[0]
-            stream.thread_count = 1  # videos already decode in parallel; settable only before the first decode
             for clip in sorted(clips, key=lambda c: c["start_s"]):
                 targets = strip_times(clip["start_s"], clip["end_s"])
                 images: list[np.ndarray] = []
-                for frame, t in _frames_from(container, stream, clip["start_s"]):
+                for frame, t in decode_from(container, clip["start_s"]):
                     if t >= clip["end_s"] - 1e-6 and images:
                         break
                     if t + 1e-6 >= targets[len(images)]:

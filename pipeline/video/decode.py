@@ -235,7 +235,8 @@ def decode_from(container: Any, start_s: float) -> Iterator[tuple[Any, float]]:
     frames without a timestamp cannot be placed and are skipped too.
     """
     stream = container.streams.video[0]
-    stream.thread_count = 1
+    if stream.thread_count != 1:  # settable only before the first decode: a container may serve many clips
+        stream.thread_count = 1
     tb = stream.time_base
     if tb and start_s > 0:
         container.seek(int(start_s / tb), stream=stream, backward=True, any_frame=False)

@@ -4,6 +4,7 @@ the pipeline's writer, a tiny T5 text encoder saved with save_pretrained, and sm
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ def read_clip(path: Path, start: int, height: int, width: int) -> np.ndarray:
 def taef2_dir(shared_dir: Path) -> Path:
     path = shared_dir / "data" / "models" / "taef2"
     if not (path / "taef2_encoder.pth").is_file():
+        if os.environ.get("RECAP_REQUIRE_SHARED") == "1":
+            pytest.fail(f"RECAP_REQUIRE_SHARED=1 but {path} has no TAEF2 weights")
         pytest.skip("TAEF2 weights not in the shared dir")
     return path
 
