@@ -97,7 +97,8 @@ def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp
 
 def test_real_videos_through_ray(ray_session, videos_dir, smoke_config, tmp_path):
     out = tmp_path / "real"
-    run_pipeline(smoke_config, str(out), inputs=[str(videos_dir / "testvideo.mp4"), str(videos_dir / "*.webm")])
+    inputs = [str(videos_dir / "testvideo.mp4"), str(videos_dir / "*.webm")]
+    run_pipeline(smoke_config, str(out), inputs=inputs, stages=["ingest", "split"])  # what this test checks
     videos = {Path(r["uri"]).name: r for r in _table(out, "videos").to_pylist()}
     assert videos["testvideo.mp4"]["num_frames"] == 720 and videos["testvideo.mp4"]["codec"] == "h264"
     assert videos["no_duration.webm"]["num_frames"] == 74  # counted: the container states no duration
