@@ -1,5 +1,23 @@
-"""Exceptions a user sees at the boundary (besides ConfigError and InputError): wrong stage order."""
+"""Exceptions a user sees at the boundary (besides ConfigError and InputError): wrong stage order, storage."""
+
+from __future__ import annotations
 
 
 class StageInputError(RuntimeError):
     """A stage was asked to run without what it needs (e.g. split before ingest)."""
+
+
+class StorageError(OSError):
+    """Writing to the output failed (disk full, read-only, permissions, a vanished mount): not the input's fault.
+
+    A run stops on it (exit 3) with its committed work intact; it never becomes a reject of the video."""
+
+    @classmethod
+    def from_message(cls, message: str) -> StorageError:
+        """Rebuild one reported across a process boundary as `str(StorageError(errno, strerror, filename))`."""
+        import re
+
+        found = re.match(r"\[Errno (\d+)\] (.*?)(?:: '(.*)')?$", message, re.S)
+        if not found:
+            return cls(message)
+        return cls(int(found.group(1)), found.group(2), found.group(3))

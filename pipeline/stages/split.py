@@ -21,6 +21,7 @@ from pipeline.schema import RejectReason, make_clip_id
 from pipeline.stages.common import IsolatedStage
 from pipeline.video.decode import VideoRejected, iter_analysis_frames, open_video
 
+STORAGE_ERROR = "storage_error"  # a result status the driver turns into a stopped run, never a reject
 SPLIT_RESULT_SCHEMA = pa.schema(
     [
         ("video_id", pa.string()),
@@ -189,6 +190,10 @@ class SplitStage(IsolatedStage):
         outcome = self.run_isolated(
             "pipeline.stages.split:split_video", uri, video_id, self._split_cfg, self.clips_dir, expected
         )
+        if outcome.status == "error" and outcome.error_type == "StorageError":
+            # The output failed, not the video: the driver stops the run (exit 3) and commits nothing for it.
+            out.update(status=STORAGE_ERROR, reject_detail=outcome.message)
+            return out
         rejected = self.reject_of(outcome)
         if rejected is None:
             clips = outcome.result["clips"]
@@ -199,6 +204,16 @@ class SplitStage(IsolatedStage):
         else:
             out.update(status="rejected", reject_reason=rejected[0], reject_detail=rejected[1])
         return out
+
+
+def raise_storage_errors(results: pa.Table) -> pa.Table:
+    """The rows of videos that were split; raises StorageError when writing a video's clips failed."""
+    from pipeline.errors import StorageError
+
+    failed = [r for r in results.select(["status", "reject_detail"]).to_pylist() if r["status"] == STORAGE_ERROR]
+    if failed:
+        raise StorageError.from_message(failed[0]["reject_detail"] or "writing clips failed")
+    return results
 
 
 def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:

@@ -1,12 +1,16 @@
 """Write each clip of a video to its own H.264 mp4 in one decoding pass over the source.
 
-Files are written under a temporary name and renamed when complete, locally or on any
-fsspec filesystem, so a crash never leaves a half clip under its final name.
+Files are written under a temporary name beside their final one and renamed when complete
+(locally; on an fsspec filesystem a local temporary is uploaded to a `.partial` name, then moved),
+so a crash never leaves a half clip under its final name and a rename never crosses filesystems.
+Any failure to write raises StorageError: a full or broken output is not the video's fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from fractions import Fraction
 from typing import Any
@@ -15,16 +19,19 @@ import av
 import fsspec
 
 from pipeline.config import TranscodeConfig
+from pipeline.errors import StorageError
 from pipeline.io.sources import is_local, local_path
 from pipeline.video.decode import open_video
 from pipeline.video.isolation import heartbeat
 
 
+def _storage_error(exc: OSError, path: str) -> StorageError:
+    return StorageError(exc.errno or 0, exc.strerror or str(exc), exc.filename or path)
+
+
 def _publish(tmp_path: str, final_uri: str) -> None:
     if is_local(final_uri):
-        final = local_path(final_uri)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.replace(tmp_path, final)
+        os.replace(tmp_path, local_path(final_uri))  # same directory: never crosses filesystems
         return
     fs, path = fsspec.core.url_to_fs(final_uri)
     partial = path + ".partial"
@@ -36,7 +43,7 @@ def _publish(tmp_path: str, final_uri: str) -> None:
 class _ClipWriter:
     def __init__(self, path: str, cfg: TranscodeConfig, rate: Fraction, width: int, height: int):
         self.path = path
-        self.container = av.open(path, mode="w", format="mp4")
+        self.container = av.open(path, mode="w", format="mp4")  # the temporary name has no .mp4 to go by
         self.stream = self.container.add_stream(cfg.codec, rate=rate)
         self.stream.width = width - width % 2
         self.stream.height = height - height % 2
@@ -66,38 +73,50 @@ def transcode_clips(uri: str, clips: list[dict[str, Any]], clips_dir: str, cfg: 
     for clip in ordered:
         ends_at.setdefault(clip["end_frame"], []).append(clip)
     written: dict[str, str] = {}
-    tmpdir = tempfile.mkdtemp(prefix="recap-transcode-")
+    local = is_local(clips_dir)
+    try:
+        if local:
+            os.makedirs(local_path(clips_dir), exist_ok=True)
+        tmpdir = local_path(clips_dir) if local else tempfile.mkdtemp(prefix="recap-transcode-")
+    except OSError as exc:
+        raise _storage_error(exc, clips_dir) from exc
+    active: dict[str, _ClipWriter] = {}
     try:
         with open_video(uri) as container:
             stream = container.streams.video[0]
             rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
-            active: dict[str, _ClipWriter] = {}
             pos = 0
             for index, frame in enumerate(container.decode(stream)):
-                while pos < len(ordered) and ordered[pos]["start_frame"] == index:
-                    clip = ordered[pos]
-                    tmp = os.path.join(tmpdir, clip["clip_id"] + ".mp4")
-                    active[clip["clip_id"]] = _ClipWriter(tmp, cfg, rate, frame.width, frame.height)
-                    pos += 1
-                for writer in active.values():
-                    writer.write(frame)
-                for clip in ends_at.get(index + 1, ()):
-                    if clip["clip_id"] in active:
-                        writer = active.pop(clip["clip_id"])
-                        writer.close()
-                        final = clips_dir.rstrip("/") + "/" + clip["clip_id"] + ".mp4"
-                        _publish(writer.path, final)
-                        written[clip["clip_id"]] = final
+                try:
+                    while pos < len(ordered) and ordered[pos]["start_frame"] == index:
+                        clip = ordered[pos]
+                        tmp = os.path.join(tmpdir, f".{clip['clip_id']}.mp4.partial")
+                        active[clip["clip_id"]] = _ClipWriter(tmp, cfg, rate, frame.width, frame.height)
+                        pos += 1
+                    for writer in active.values():
+                        writer.write(frame)
+                    for clip in ends_at.get(index + 1, ()):
+                        if clip["clip_id"] in active:
+                            writer = active.pop(clip["clip_id"])
+                            writer.close()
+                            final = clips_dir.rstrip("/") + "/" + clip["clip_id"] + ".mp4"
+                            _publish(writer.path, final)
+                            written[clip["clip_id"]] = final
+                except OSError as exc:  # PyAV's write errors subclass OSError too
+                    raise _storage_error(exc, clips_dir) from exc
                 if index % 32 == 0:
                     heartbeat()
                 if pos >= len(ordered) and not active:
                     break
-            for writer in active.values():  # the source ended early: finish what we have
-                writer.close()
+            # The source ended before these clips did: they are not written (finally removes their temporaries).
     finally:
-        for name in os.listdir(tmpdir):
-            os.unlink(os.path.join(tmpdir, name))
-        os.rmdir(tmpdir)
+        for writer in active.values():
+            with contextlib.suppress(Exception):
+                writer.container.close()
+            with contextlib.suppress(OSError):
+                os.unlink(writer.path)
+        if not local:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return written
 
 

@@ -114,3 +114,36 @@ def test_split_without_ingest_says_what_to_do(ray_session, smoke_config, tmp_pat
         run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["split"])
     with pytest.raises(ValueError, match="unknown stage"):
         run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["train"])
+
+
+def test_transcode_into_another_filesystem_and_storage_errors_stop_the_run(ray_session, sample_videos, smoke_config):
+    """OUT on a tmpfs (/dev/shm) while temporaries used to go to /tmp: clips are written beside their final
+    names. A storage failure stops the run (StorageError, exit 3 in the CLI) and rejects no video; the same
+    command resumes once the storage is fixed."""
+    import shutil
+    import tempfile
+
+    from pipeline.errors import StorageError
+
+    root, _truth = sample_videos
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    out = Path(tempfile.mkdtemp(prefix="recap-test-", dir=shm))
+    try:
+        config = smoke_config.model_copy(deep=True)
+        config.split.transcode.enabled = True
+        (out / "media").write_text("a file where the clips directory should go")  # writing clips must fail
+        with pytest.raises(StorageError) as failure:
+            run_pipeline(config, str(out), inputs=[str(root / "sample-quick-cuts.mp4")], stages=["ingest", "split"])
+        assert failure.value.errno and "media" in str(failure.value)
+        assert not _table(out, "videos").filter(pads.field("status") != "ok").num_rows  # no video rejected
+        (out / "media").unlink()
+        (split,) = [r for r in run_pipeline(config, str(out), stages=["split"]) if r.stage == "split"]
+        assert not split.skipped and split.counts["rejected_videos"] == 0
+        clips = [c for c in _table(out, "clips").to_pylist() if c["passed"]]
+        assert clips and all(Path(c["clip_uri"]).is_file() for c in clips)
+        assert all(Path(c["clip_uri"]).parent == out / "media" / "clips" for c in clips)
+        assert not [p.name for p in (out / "media" / "clips").iterdir() if not p.name.endswith(".mp4")]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
