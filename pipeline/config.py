@@ -7,7 +7,7 @@ the value given and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -332,35 +332,67 @@ class RecapConfig(_Section):
 _M = TypeVar("_M", bound=BaseModel)
 
 
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The config class an annotation holds, and whether it is the value type of a mapping (`dict[str, M]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is dict and len(args) == 2:
+        inner, _ = _model_in(args[1])
+        return inner, inner is not None
+    for arg in args:  # Optional[M], M | None
+        inner, mapped = _model_in(arg)
+        if inner is not None:
+            return inner, mapped
+    return None, False
+
+
 def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
     """The config class that owns the key at `loc`, to list its allowed keys."""
     model = root
-    for part in loc:
-        field = model.model_fields.get(str(part))
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             return model
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        inner, mapped = _model_in(field.annotation)
+        if inner is None:
             return model
+        if mapped:  # the next part is a mapping key (e.g. a threshold's score name), not a field
+            if not parts:
+                return model
+            parts.pop(0)
+        model = inner
     return model
 
 
-def _describe(root: type[BaseModel], err: dict[str, Any]) -> str:
+def _describe(root: type[BaseModel], err: dict[str, Any], origins: dict[str, str] | None = None) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<root>"
     value = err.get("input")
+    origin = _origin_of(key, origins or {})
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(sorted(_model_at(root, loc[:-1]).model_fields))
-        return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
+        return f"{key}: unknown key (value {value!r}){origin}; allowed keys here: {allowed}"
     if err["type"] in ("model_type", "dict_type"):
-        return f"{key}: expected a mapping of keys, got {value!r}"
-    return f"{key}: {value!r} is not allowed: {err['msg']}"
+        return f"{key}: expected a mapping of keys, got {value!r}{origin}"
+    return f"{key}: {value!r} is not allowed{origin}: {err['msg']}"
+
+
+def _origin_of(key: str, origins: dict[str, str]) -> str:
+    """' (from --set K=V)' when an override set this key (or the section holding it)."""
+    for dotted, text in origins.items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return f" (from --set {text})"
+    return ""
 
 
 def validate_config(
-    root: type[_M], data: dict[str, Any] | None, source: str, error: type[ConfigError] = ConfigError
+    root: type[_M],
+    data: dict[str, Any] | None,
+    source: str,
+    error: type[ConfigError] = ConfigError,
+    origins: dict[str, str] | None = None,
 ) -> _M:
     """`data` as a `root` config; any problem raises `error` naming every bad key, its value and what is allowed."""
     if data is None:
@@ -370,7 +402,7 @@ def validate_config(
     try:
         return root.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(root, e) for e in exc.errors(include_url=False)]
+        lines = [_describe(root, e, origins) for e in exc.errors(include_url=False)]
         raise error(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
 
 
@@ -407,12 +439,16 @@ def load_yaml_config(
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise error(f"config file {path} is not valid YAML: {exc}") from None
+    origins: dict[str, str] = {}
     for item in overrides or []:
         if "=" not in item:
             raise error(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw), error)
-    return validate_config(root, data, source, error)
+        origins[key.strip()] = item
+    if origins:
+        source += " with --set overrides" if path is not None else " + --set overrides"
+    return validate_config(root, data, source, error, origins)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecapConfig:

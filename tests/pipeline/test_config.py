@@ -64,3 +64,12 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("split: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_override_errors_name_the_keys_of_their_own_section_and_blame_the_override():
+    with pytest.raises(ConfigError) as exc:
+        load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["filter.thresholds.motion.mn=1"])
+    text = str(exc.value)
+    assert "filter.thresholds.motion.mn: unknown key" in text and "allowed keys here: max, min" in text
+    assert "(from --set filter.thresholds.motion.mn=1)" in text
+    assert "smoke.yaml with --set overrides" in text
