@@ -41,7 +41,7 @@ def write_sample(
 ) -> list[int]:
     """Write one H.264 mp4 with the given shots; returns the true cut frames."""
     cuts: list[int] = []
-    with av.open(path, mode="w") as container:
+    with av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23"}
@@ -59,13 +59,26 @@ def write_sample(
     return cuts
 
 
+def _cuts(shots: list[tuple[int, tuple[int, int, int]]]) -> list[int]:
+    starts = np.cumsum([frames for frames, _color in shots])
+    return [int(x) for x in starts[:-1]]
+
+
 def generate_samples(out_dir: str, count: int | None = None) -> dict[str, list[int]]:
-    """Write the sample videos into `out_dir`; returns {file name: cuts} and writes cuts.json."""
+    """Write the sample videos into `out_dir`; returns {file name: cuts} and writes cuts.json.
+
+    A video already there is kept as it is: its bytes, and so its `video_id`, stay those of a corpus
+    made from it (x264 output is not byte-identical from one encode to the next)."""
     os.makedirs(out_dir, exist_ok=True)
     truth: dict[str, list[int]] = {}
     for name, shots in list(_SAMPLES.items())[:count]:
         file_name = f"{name}.mp4"
-        truth[file_name] = write_sample(os.path.join(out_dir, file_name), shots)
+        path = os.path.join(out_dir, file_name)
+        truth[file_name] = _cuts(shots)
+        if not os.path.exists(path):
+            tmp = os.path.join(out_dir, f".{file_name}.partial")
+            write_sample(tmp, shots)
+            os.replace(tmp, path)
     with open(os.path.join(out_dir, "cuts.json"), "w") as fh:
         json.dump(truth, fh, indent=2)
     return truth
