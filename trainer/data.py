@@ -48,7 +48,7 @@ class Corpus:
     """What the trainer needs to know before reading: shard URLs, the samples kept, the VAE and text layout."""
 
     urls: list[str]
-    root: str | None = None  # corpus directory when the data came with a manifest
+    roots: list[str] = field(default_factory=list)  # corpus directories read through their manifests
     keys: frozenset[str] | None = None  # samples kept by the manifest filters; None: all
     vae: dict[str, Any] = field(default_factory=dict)  # vae, vae_sha256, vae_spec, vae_scaling_factor, ...
     latent_channels: int = 0
@@ -96,19 +96,22 @@ def _expand(spec: str) -> list[str]:
     return [protocol + p if protocol and "://" not in p else p for p in found]
 
 
-def resolve_data(data: str | list[str]) -> tuple[list[str], str | None]:
-    """(shard URLs, corpus root or None) for a corpus directory, its manifest, a shard dir, globs or URLs."""
+def resolve_data(data: str | list[str]) -> tuple[list[str], list[str]]:
+    """(shard URLs, corpus roots): each spec is a corpus directory or its manifest (read through its manifest), or
+    a shard directory, a glob, a brace pattern or a URL (read as is). Several specs may mix both kinds."""
     specs = [data] if isinstance(data, str) else list(data)
     if not specs:
         raise DataError("--data: nothing given")
-    if len(specs) == 1:
-        root = _corpus_root(specs[0])
-        if root is not None:
-            return [], root
     urls: list[str] = []
+    roots: list[str] = []
     for spec in specs:
-        urls.extend(_expand(spec))
-    return urls, None
+        root = _corpus_root(spec)
+        if root is not None:
+            if root not in roots:
+                roots.append(root)
+        else:
+            urls.extend(u for u in _expand(spec) if u not in urls)
+    return urls, roots
 
 
 def first_sample(url: str) -> dict[str, Any]:
@@ -189,53 +192,91 @@ def _vae_of(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k.startswith("vae")}
 
 
-def open_corpus(data: str | list[str], cfg: DataConfig) -> Corpus:
-    """Resolve `data`, apply the manifest filters and check that one VAE made every latent."""
+def _read_corpus(root: str, cfg: DataConfig, corpus: Corpus, shapes: Any) -> None:
+    """Add one corpus directory's kept shards, samples and VAE to `corpus` (raising on a second VAE)."""
     from collections import Counter
 
-    urls, root = resolve_data(data)
-    corpus = Corpus(urls=urls, root=root)
-    shapes: Counter = Counter()
-    if root is not None:
-        from pipeline import manifest
+    from pipeline import manifest
 
-        shard_names = manifest.read_table(root, "shards", columns=["shard"]).column("shard").to_pylist()
-        if not shard_names:
-            raise DataError(f"{root}: the manifest lists no shards (run `recap encode` first)")
-        samples = _score_filter(root, manifest.read_table(root, "samples"), cfg)
-        if samples.num_rows == 0:
-            raise DataError(f"{root}: no sample is left after the manifest filters {cfg.min_scores or ''}")
-        vaes = Counter(v for v in samples.column("vae").to_pylist() if v)
-        if len(vaes) > 1:
-            listed = ", ".join(f"{v} ({n} samples)" for v, n in vaes.most_common())
-            raise VaeMismatchError(
-                f"{root} mixes latents from {len(vaes)} VAEs: {listed}; train on one (filter the corpus)"
-            )
-        kept_shards = set(samples.column("shard").to_pylist())
-        corpus.urls = [f"{root.rstrip('/')}/shards/{s}" for s in shard_names if s in kept_shards]
-        corpus.num_samples = samples.num_rows
-        if cfg.min_scores or cfg.max_scores:
-            corpus.keys = frozenset(samples.column("key").to_pylist())
-        shapes.update(tuple(s) for s in samples.column("latent_shape").to_pylist())
-        encode = manifest.read_run_json(root).get("stages", {}).get("encode", {})
-        corpus.vae = _vae_of(encode)
+    shard_names = manifest.read_table(root, "shards", columns=["shard"]).column("shard").to_pylist()
+    if not shard_names:
+        raise DataError(f"{root}: the manifest lists no shards (run `recap encode` first)")
+    samples = _score_filter(root, manifest.read_table(root, "samples"), cfg)
+    if samples.num_rows == 0:
+        raise DataError(f"{root}: no sample is left after the manifest filters {cfg.min_scores or ''}")
+    vaes = Counter(v for v in samples.column("vae").to_pylist() if v)
+    if len(vaes) > 1:
+        listed = ", ".join(f"{v} ({n} samples)" for v, n in vaes.most_common())
+        raise VaeMismatchError(
+            f"{root} mixes latents from {len(vaes)} VAEs: {listed}; train on one (filter the corpus)"
+        )
+    vae = _vae_of(manifest.read_run_json(root).get("stages", {}).get("encode", {}))
+    if corpus.roots:
+        for name in ("vae", "vae_sha256"):
+            want, got = corpus.vae.get(name), vae.get(name)
+            if want and got and want != got:
+                raise VaeMismatchError(
+                    f"{root} was encoded by {name}={got!r} but {corpus.roots[0]} by {name}={want!r}: "
+                    "one run never mixes latents from different VAEs"
+                )
+    kept_shards = set(samples.column("shard").to_pylist())
+    corpus.urls.extend(f"{root.rstrip('/')}/shards/{s}" for s in shard_names if s in kept_shards)
+    corpus.num_samples = (corpus.num_samples or 0) + samples.num_rows
+    if cfg.min_scores or cfg.max_scores:
+        corpus.keys = (corpus.keys or frozenset()) | frozenset(samples.column("key").to_pylist())
+    shapes.update(tuple(s) for s in samples.column("latent_shape").to_pylist())
+    corpus.vae = {**vae, **corpus.vae}
+    corpus.roots.append(root)
+
+
+def open_corpus(data: str | list[str], cfg: DataConfig) -> Corpus:
+    """Resolve `data` (one or several corpora, shard dirs, globs or URLs), apply the manifest filters and check
+    that one VAE made every latent, across all of them."""
+    from collections import Counter
+
+    urls, roots = resolve_data(data)
+    corpus = Corpus(urls=[])
+    shapes: Counter = Counter()
+    probes: list[str] = []  # the first shard of each corpus, and bare shards
+    for root in roots:
+        first = len(corpus.urls)
+        _read_corpus(root, cfg, corpus, shapes)
+        probes.append(corpus.urls[first])
+    if urls and (cfg.min_scores or cfg.max_scores):
+        raise DataError(
+            f"data.min_scores/max_scores filter by the manifest, but --data {urls[0]!r} is a bare shard with "
+            "none: give corpus directories (or drop the score filters)"
+        )
+    corpus.urls.extend(urls)
+    if urls:
+        corpus.num_samples = None  # bare shards are counted only while reading
     if not corpus.urls:
         raise DataError(f"--data {data!r}: no shards to read")
-    # The first sample tells the latent channels and whether captions come embedded; without a manifest, every
-    # shard's first sample is checked for its VAE here (and every sample while reading, in both cases).
-    probes = corpus.urls if root is None and len(corpus.urls) <= 256 else corpus.urls[:1]
-    for url in probes:
+    # The first sample tells the latent channels and whether captions come embedded; the first shard of each
+    # corpus and (up to 256) bare shards are checked for their VAE and text layout here, and every sample's VAE
+    # while reading.
+    probes.extend(urls if len(urls) <= 256 else urls[:1])
+    for i, url in enumerate(probes):
         sample = first_sample(url)
         meta = json.loads(sample.get("json", b"{}"))
         check_vae(corpus.vae, meta, sample["__key__"], url)
         corpus.vae = {**_vae_of(meta), **corpus.vae}
-        if not corpus.latent_channels:
-            shape = npy_shape(sample["latent.npy"])
+        shape = npy_shape(sample["latent.npy"])
+        emb = (npy_shape(sample["text_emb.npy"])[-1], meta.get("text_encoder")) if "text_emb.npy" in sample else None
+        if i == 0:
             corpus.latent_channels = shape[0]
             shapes.setdefault(shape, 0)
-            if "text_emb.npy" in sample:
-                corpus.text_emb_dim = npy_shape(sample["text_emb.npy"])[-1]
-                corpus.text_encoder = meta.get("text_encoder")
+            if emb is not None:
+                corpus.text_emb_dim, corpus.text_encoder = emb
+        elif shape[0] != corpus.latent_channels or emb != (
+            (corpus.text_emb_dim, corpus.text_encoder) if corpus.text_emb_dim else None
+        ):
+            first = f"{corpus.latent_channels} latent channels, text_emb {corpus.text_emb_dim or 'none'}"
+            this = f"{shape[0]} latent channels, text_emb {emb[0] if emb else 'none'}"
+            raise DataError(
+                f"{url} holds samples unlike {probes[0]} ({this} against {first}): the data of one run must share "
+                "its latent layout and caption embeddings (same VAE, same text encoder or none)"
+            )
     corpus.latent_shape = shapes.most_common(1)[0][0]
     if corpus.text_emb_dim is None and not cfg.text_encoder:
         raise DataError(

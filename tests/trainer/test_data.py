@@ -133,3 +133,42 @@ def test_latents_come_back_as_stored(overfit_corpus, real_latents, make_config):
     index = int(batch["keys"][0].split("-")[0], 16)
     assert np.array_equal(batch["latents"][0].numpy(), real_latents["landscape"][index].astype(np.float32))
     assert batch["text"].shape[-1] == 32 and batch["text_mask"][0].any()
+
+
+def test_train_on_two_corpora(
+    overfit_corpus, mixed_corpus, real_latents, taef2, taef2_dir, text_encoder_dir, make_config, tmp_path, capsys
+):
+    """`recap train --data A B`: both corpora's shards are read (one VAE across them); a corpus whose samples
+    are laid out differently (no stored caption embeddings) is refused by name."""
+    import yaml
+
+    from pipeline.cli import main
+    from tests.trainer.conftest import write_corpus
+
+    second = write_corpus(
+        tmp_path / "portrait", real_latents["portrait"][:2], taef2, taef2_dir, text_encoder=str(text_encoder_dir)
+    )
+    cfg = make_config(data={"batch_size": 2}).data
+    corpus = open_corpus([str(overfit_corpus), str(second)], cfg)
+    assert corpus.roots == [str(overfit_corpus), str(second)]
+    assert len(corpus.urls) == 3 and corpus.num_samples == 6
+    shapes = {tuple(b["latents"].shape[1:]) for b in islice(ResumableLoader(corpus, cfg), 12)}
+    assert shapes == {tuple(real_latents["landscape"][0].shape), tuple(real_latents["portrait"][0].shape)}
+
+    with pytest.raises(DataError, match=r"unlike .*text_emb none against .*text_emb"):
+        open_corpus([str(overfit_corpus), str(mixed_corpus)], cfg)
+
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny"},
+                "data": {"batch_size": 2, "num_workers": 0, "window_shards": 2, "shuffle_buffer": 8},
+                "train": {"steps": 2, "device": "cpu", "log_every": 1, "checkpoint_every": 1000},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--data", str(overfit_corpus), str(second), "--output", str(run)]
+    assert main(argv) == 0
+    assert "recap train: step 2" in capsys.readouterr().out
