@@ -159,13 +159,19 @@ def _print_summary(results: list[Any], output: str) -> None:
             f"  [{done / result.seconds:,.1f} {unit}/s]" if done and result.seconds > 0 and not result.skipped else ""
         )
         print("  " + result.summary_line() + rate)
-    total_rejects = sum(sum(r.rejects_by_reason.values()) for r in results)
-    print(f"  rejects recorded: {total_rejects} (see {output.rstrip('/')}/manifest/rejects)")
+    this_run = sum(sum(r.rejects_by_reason.values()) for r in results if not r.skipped)
     if results and not any(r.stage.endswith("(dry run)") for r in results):
+        # The corpus's counts, the same as `recap manifest stats` and the report.
         stats = manifest.corpus_stats(output)
+        recorded = sum(stats["rejects"].values())
+        print(
+            f"  rejects recorded: {recorded:,} ({this_run:,} by this run; see {output.rstrip('/')}/manifest/rejects)"
+        )
         print("  funnel: " + " -> ".join(f"{k} {v:,}" for k, v in stats["funnel"].items()))
         for key, count in sorted(stats["rejects"].items(), key=lambda kv: -kv[1]):
             print(f"    rejected {key}: {count:,}")
+        if stats["stale"]:
+            print("  " + manifest.stale_note(stats["stale"]))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -244,6 +250,11 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
             print(f"recap: manifest validate: {len(problems)} problem(s) in {args.output}", file=sys.stderr)
             return 1
         print(f"{args.output}: every shard matches the manifest")
+        from pipeline import manifest
+
+        stale = manifest.stale_stages(args.output)
+        if stale:
+            print(f"  note: {manifest.stale_note(stale)}")
         return 0
     from pipeline import manifest
 
@@ -258,6 +269,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
         print("hours:  " + ", ".join(f"{k} {v:.2f}" for k, v in stats["hours"].items()))
         for key, count in sorted(stats["rejects"].items(), key=lambda kv: -kv[1]):
             print(f"  rejected {key}: {count}")
+        if stats["stale"]:
+            print(manifest.stale_note(stats["stale"]))
         for name, q in {
             **stats["scores"],
             "caption_words": stats.get("caption_words", {}),
@@ -343,7 +356,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     if not inputs:
         sample_dir = os.path.join(args.output, "samples")
         generate_samples(sample_dir)
-        print(f"generated sample videos in {sample_dir}")
+        print(f"sample videos in {sample_dir} (generated where missing)")
         inputs = [sample_dir]
     results = run_pipeline(config, args.output, inputs=inputs, address=args.address)
     _print_summary(results, args.output)
@@ -411,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("recap: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.errno not in _STORAGE_ERRNOS:
+        from pipeline.errors import StorageError
+
+        if exc.errno not in _STORAGE_ERRNOS and not isinstance(exc, StorageError):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         print(

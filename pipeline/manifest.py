@@ -297,4 +297,27 @@ def corpus_stats(out: str) -> dict[str, Any]:
     for r in read_table(out, "rejects", columns=["stage", "reason"]).to_pylist():
         key = f"{r['stage']}/{r['reason']}"
         stats["rejects"][key] = stats["rejects"].get(key, 0) + 1
+    stats["stale"] = stale_stages(out)
     return stats
+
+
+# The funnel entry each stage's output feeds: what a stale stage makes out of date.
+STAGE_FUNNEL = {"filter": "passed", "caption": "captioned", "encode": "samples"}
+
+
+def stale_stages(out: str) -> list[str]:
+    """Stages whose outputs predate a re-run of a stage before them (run.json status `stale`)."""
+    stages = read_run_json(out).get("stages", {})
+    order = ("ingest", "split", "filter", "caption", "encode")
+    stale = [name for name, info in stages.items() if info.get("status") == "stale"]
+    return sorted(stale, key=lambda s: order.index(s) if s in order else len(order))
+
+
+def stale_note(stale: list[str]) -> str:
+    """One line for a person: which stages (and funnel counts) are out of date, and how to refresh them."""
+    counts = [STAGE_FUNNEL[s] for s in stale if s in STAGE_FUNNEL]
+    what = f" (so '{', '.join(counts)}' count{'s' if len(counts) == 1 else ''} earlier outputs)" if counts else ""
+    return (
+        f"stale: {', '.join(stale)} ran before a later re-run of an earlier stage{what}; "
+        "re-run `recap run` with the same arguments to refresh"
+    )

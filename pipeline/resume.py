@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults, manifest
@@ -78,8 +79,10 @@ class RunState:
             return None
         return self.stages().get(stage, {}).get("fingerprint")
 
-    def decide(self, stage: str, fp: str, settings: dict[str, Any], force: bool) -> str:
-        """'skip' (done, same settings), 'resume' (started, same settings) or 'run'; raises ConfigChanged."""
+    def decide(self, stage: str, fp: str, settings: dict[str, Any], force: bool, uris: list[str] | None = None) -> str:
+        """'skip' (done, same settings), 'resume' (started, same settings) or 'run'; raises ConfigChanged.
+
+        `uris`: ingest's input files, to name the ones added or removed since the stage ran."""
         state = self.stages().get(stage)
         if not state or "fingerprint" not in state:
             return "run"
@@ -88,13 +91,28 @@ class RunState:
         if state.get("status") == "stale" or force:
             return "run"
         changes = _diff(state.get("settings", {}), settings, stage)
-        why = "; ".join(changes) if changes else f"the {UPSTREAM[stage]} stage it reads from changed"
+        if changes:
+            why = "; ".join(changes)
+        elif UPSTREAM[stage] is None:
+            why = self._input_changes(uris or [])
+        else:
+            why = f"the {UPSTREAM[stage]} stage it reads from changed"
         done = "finished" if state.get("status") == "done" else "started"
         raise ConfigChanged(
             f"{self.out}: the {stage} stage {done} with other settings ({why}). Refusing to mix outputs: "
             f"re-run with --force to redo {stage} (and mark the stages after it for re-running), or use another "
             "--output"
         )
+
+    def _input_changes(self, uris: list[str]) -> str:
+        before = set(manifest.read_table(self.out, "videos", columns=["uri"]).column("uri").to_pylist())
+        now = set(uris)
+        parts = []
+        for label, names in (("added", sorted(now - before)), ("removed", sorted(before - now))):
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                parts.append(f"{len(names)} input file(s) {label}: {shown}")
+        return "; ".join(parts) or "the input files changed"
 
     def start(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any]) -> None:
         self._update(config, stage, {"status": "running", "fingerprint": fp, "settings": settings})
@@ -178,3 +196,59 @@ class StageCheckpoint:
         parent = self.dir.rsplit("/", 1)[0]
         if self.fs.exists(parent) and not self.fs.ls(parent, detail=False):
             self.fs.rm(parent, recursive=True)
+
+
+# The tables each stage writes: a finished stage whose table is gone is re-run.
+STAGE_TABLES = {"ingest": ("videos",), "split": ("clips",), "filter": ("clips",), "caption": ("captions",)}
+
+
+def missing_outputs(out: str, stage: str) -> list[str]:
+    """What a finished stage committed that is no longer there (cheap: names and sizes, no hashing)."""
+    problems = [f"the {name} table" for name in STAGE_TABLES.get(stage, ()) if not manifest.table_exists(out, name)]
+    if stage == "split" and not problems and "clip_uri" in manifest.table_columns(out, "clips"):
+        uris = [u for u in manifest.read_table(out, "clips", columns=["clip_uri"]).column(0).to_pylist() if u]
+        if uris:
+            fs, _ = manifest._fs(uris[0])
+            gone = [u for u in uris if not fs.exists(u)]
+            if gone:
+                problems.append(f"{len(gone)} clip file(s) under media/clips (e.g. {gone[0]})")
+    if stage == "encode":
+        problems += [f"the {n} table" for n in ("samples", "shards") if not manifest.table_exists(out, n)]
+        if not problems:
+            problems += [f"shards/{name}" for name in damaged_shards(out)]
+    return problems
+
+
+def damaged_shards(out: str) -> list[str]:
+    """Shards in the `shards` table whose file is missing or has another size than recorded."""
+    fs, shard_dir = manifest._fs(f"{out.rstrip('/')}/shards")
+    sizes = {}
+    if fs.exists(shard_dir):
+        sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(shard_dir, detail=True)}
+    table = manifest.read_table(out, "shards", columns=["shard", "bytes"])
+    return [row["shard"] for row in table.to_pylist() if sizes.get(row["shard"]) != row["bytes"]]
+
+
+def seed_encode_checkpoint(out: str, checkpoint: StageCheckpoint, meta: dict[str, Any]) -> int:
+    """Commit the samples of the intact shards to an encode checkpoint, so a re-run redoes only the rest.
+
+    Returns how many samples were kept."""
+    from pipeline.shards.writer import SHARD_COLUMNS
+
+    bad = set(damaged_shards(out))
+    samples = manifest.read_table(out, "samples")
+    shards = manifest.read_table(out, "shards").rename_columns(["shard", *SHARD_COLUMNS_FROM_TABLE])
+    keep = samples.filter(pc.invert(pc.is_in(samples.column("shard"), pa.array(sorted(bad), pa.string()))))
+    # Each sample's shard facts, looked up by shard name (Arrow's join cannot carry the list columns).
+    where = pc.index_in(keep.column("shard"), value_set=shards.column("shard"))
+    keep = keep.filter(pc.is_valid(where))
+    where = where.filter(pc.is_valid(where))
+    for name in SHARD_COLUMNS:
+        keep = keep.append_column(name, shards.column(name).take(where))
+    checkpoint.commit(keep)
+    checkpoint.save_meta(meta)
+    return keep.num_rows
+
+
+# The shards table's columns as the shard writer's checkpoint names them (SHARD_COLUMNS order).
+SHARD_COLUMNS_FROM_TABLE = ("shard_num_samples", "shard_bytes", "shard_sha256", "shard_bucket")

@@ -22,10 +22,24 @@ from pipeline.config import RecapConfig, Resources
 from pipeline.errors import StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.progress import StageProgress
-from pipeline.resume import UPSTREAM, RunState, StageCheckpoint, fingerprint, stage_settings
+from pipeline.resume import (
+    UPSTREAM,
+    RunState,
+    StageCheckpoint,
+    fingerprint,
+    missing_outputs,
+    seed_encode_checkpoint,
+    stage_settings,
+)
 from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, VideoStatus
 from pipeline.stages.ingest import IngestStage, mark_duplicates
-from pipeline.stages.split import SPLIT_RESULT_SCHEMA, SplitStage, clip_rows_from_results
+from pipeline.stages.split import (
+    SPLIT_RESULT_SCHEMA,
+    STORAGE_ERROR,
+    SplitStage,
+    clip_rows_from_results,
+    raise_storage_errors,
+)
 
 log = logging.getLogger("recap")
 
@@ -62,6 +76,7 @@ class RaySession:
         self.config = config
         self.address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
         self._started = False
+        self._reaper: Any = None
 
     def __enter__(self) -> RaySession:
         import ray
@@ -75,6 +90,10 @@ class RaySession:
                 kwargs["num_cpus"] = self.config.ray.num_cpus
             ray.init(**kwargs)
             self._started = True
+            if not self.address:  # a local Ray goes down with this process, even if it is SIGKILLed
+                from pipeline.ray_reaper import start_reaper
+
+                self._reaper = start_reaper()
         ctx = ray.data.DataContext.get_current()
         # recap prints its own per-stage progress; Ray's bars (or INFO blocks off a terminal) are noise.
         ctx.enable_progress_bars = False
@@ -86,7 +105,10 @@ class RaySession:
         if self._started:
             import ray
 
+            from pipeline.ray_reaper import stop_reaper
+
             ray.shutdown()
+            stop_reaper(self._reaper)
 
 
 def _map_stage(
@@ -211,13 +233,15 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            checkpoint.commit(batch)  # one row per finished video, its clips as JSON
+            ok = pc.not_equal(batch.column("status"), STORAGE_ERROR)
+            checkpoint.commit(batch.filter(ok))  # one row per finished video, its clips as JSON
+            batch = raise_storage_errors(batch)
             clip_rows = clip_rows_from_results(batch)
             frames = sum(n or 0 for n in batch.column("num_frames").to_pylist())
             progress.update(
                 batch.num_rows,
                 frames=frames,
-                clips=sum(c["passed"] for c in clip_rows),
+                clips=len(clip_rows),
                 too_short=sum(not c["passed"] for c in clip_rows),
                 rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
             )
@@ -255,7 +279,7 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
         counts={
             "videos": split_results.num_rows,
             "frames": sum(n or 0 for n in split_results.column("num_frames").to_pylist()),
-            "clips": passed,
+            "clips": clips.num_rows,  # every clip row, as the funnel counts them
             "too_short": clips.num_rows - passed,
             "rejected_videos": video_rejects.num_rows,
         },
@@ -282,6 +306,12 @@ def _update_videos_after_split(output: str, videos: pa.Table, split_results: pa.
                 reject_detail=res["reject_detail"],
             )
     manifest.write_table(output, "videos", pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA), prefix="videos")
+
+
+def _encode_meta(state: dict[str, Any]) -> dict[str, Any]:
+    """The VAE facts an encode run recorded (what a repair that encodes nothing new must report again)."""
+    bookkeeping = {"seconds", "counts", "rejects_by_reason", "status", "fingerprint", "settings", "updated_at"}
+    return {k: v for k, v in state.items() if k not in bookkeeping and k != "repaired"}
 
 
 def resolve_stages(stages: list[str] | None) -> list[str]:
@@ -331,7 +361,7 @@ def run_pipeline(
         upstream_fp = None if upstream in chosen else state.fingerprint_of(upstream)
         if not (dry_run and stage == "filter") and upstream not in chosen:
             state.decide(
-                stage, fingerprint(settings, upstream_fp, uris if stage == "ingest" else None), settings, force
+                stage, fingerprint(settings, upstream_fp, uris if stage == "ingest" else None), settings, force, uris
             )
         plan.append((stage, settings))
     results: list[StageResult] = []
@@ -342,14 +372,33 @@ def run_pipeline(
                 results.append(run_filter(config, output, dry_run=True))
                 continue
             fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
-            action = state.decide(stage, fp, settings, force)
+            action = state.decide(stage, fp, settings, force, uris)
+            repaired = None
             if action == "skip":
                 previous = state.stages()[stage]
-                results.append(StageResult(stage, 0.0, counts=previous.get("counts", {}), skipped=True))
-                continue
+                gone = missing_outputs(output, stage)
+                if not gone:
+                    results.append(
+                        StageResult(
+                            stage,
+                            0.0,
+                            counts=previous.get("counts", {}),
+                            rejects_by_reason=previous.get("rejects_by_reason", {}),
+                            skipped=True,
+                        )
+                    )
+                    continue
+                log.warning(
+                    "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
+                )
+                action, repaired = (
+                    ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
+                )
             if action == "run":
                 state.mark_stale_after(stage, cfg_dict)
             checkpoint = StageCheckpoint(output, stage, fp)
+            if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
+                seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
             state.start(stage, fp, settings, cfg_dict)
             if stage == "ingest":
                 result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint)
@@ -361,7 +410,14 @@ def run_pipeline(
                 result = run_caption(config, output, checkpoint=checkpoint)
             else:
                 result = run_encode(config, output, checkpoint=checkpoint)
-            info = {"seconds": result.seconds, "counts": result.counts, **result.info}
+            info = {
+                "seconds": result.seconds,
+                "counts": result.counts,
+                "rejects_by_reason": result.rejects_by_reason,
+                **result.info,
+            }
+            if repaired:
+                info["repaired"] = repaired
             state.finish(stage, fp, settings, cfg_dict, info)
             checkpoint.clear()
             results.append(result)

@@ -357,6 +357,12 @@ def render_page(
         if partial
         else ""
     )
+    stale = [s["stage"] for s in stages if s["status"] == "stale"]
+    if stale:
+        from pipeline.manifest import stale_note
+
+        partial_note += f'<p class="note" id="stale">{_e(stale_note(stale))}.</p>'
+
     empty_html = (
         f'<p class="note" id="empty-scores">No values (scorer off in this run): {_e(", ".join(empty_scores))}</p>'
         if empty_scores

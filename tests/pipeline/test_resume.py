@@ -64,20 +64,44 @@ def baseline(sample_corpora) -> Path:
     return sample_corpora["full"]
 
 
-def _recap_run(out: Path, inputs: list[str], overrides: list[str], crash_at: str) -> subprocess.CompletedProcess:
+def _recap_run(
+    out: Path, inputs: list[str], overrides: list[str], crash_at: str, tag: str = ""
+) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.yaml", "--output", str(out)]
     for o in overrides:
         argv += ["--set", o]
-    env = {**os.environ, "RECAP_CRASH_AT": crash_at}
+    env = {**os.environ, "RECAP_CRASH_AT": crash_at, "RECAP_TEST_RUN_TAG": tag}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(argv + ["--input", *inputs], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
 
 
+def _processes_tagged(tag: str) -> list[str]:
+    """Live processes that inherited RECAP_TEST_RUN_TAG=tag: the killed run's local Ray, if it outlived it."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get("RECAP_TEST_RUN_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid} {proc.info['name']}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def test_driver_killed_at_three_points_then_resumed(baseline, inputs, overrides, tmp_path):
+    import time
+    import uuid
+
     out = tmp_path / "crashed"
     for crash_at in ("split:1", "caption:1", "encode:1"):  # early, mid-caption, mid-shard-write
-        proc = _recap_run(out, inputs, overrides, crash_at)
+        tag = uuid.uuid4().hex
+        proc = _recap_run(out, inputs, overrides, crash_at, tag)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        deadline = time.monotonic() + 20  # the local Ray the killed run started goes away with it
+        while _processes_tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_tagged(tag) == []
     state = json.loads((out / "manifest" / "run.json").read_text())["stages"]
     assert state["caption"]["status"] == "done" and state["encode"]["status"] == "running"
     assert list((out / "shards").glob("shard-*.tar")), "the killed run had committed a shard"
@@ -109,6 +133,12 @@ def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_
 
     out = tmp_path / "changed"
     shutil.copytree(baseline, out)
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides)
+    extra = str(Path(inputs[0]).parent / "sample-long-take.mp4")
+    with pytest.raises(ConfigChanged, match=r"ingest stage finished .*1 input file\(s\) added: .*sample-long-take"):
+        run_pipeline(config, str(out), inputs=[*inputs, extra])
+    with pytest.raises(ConfigChanged, match=r"1 input file\(s\) removed: .*sample-three-shots"):
+        run_pipeline(config, str(out), inputs=inputs[:1])
     changed = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*overrides, "filter.thresholds.motion.min=0.7"])
     with pytest.raises(ConfigChanged, match=r"filter\.thresholds\.motion\.min: 0\.5 -> 0\.7.*--force"):
         run_pipeline(changed, str(out), inputs=inputs)
@@ -117,6 +147,12 @@ def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_
     stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
     assert stages["filter"]["status"] == "done" and stages["caption"]["status"] == "stale"
     assert stages["encode"]["status"] == "stale"
+    from pipeline import manifest
+
+    stats = manifest.corpus_stats(str(out))  # what `manifest stats`, the summary and the report print
+    assert stats["stale"] == ["caption", "encode"] and "'captioned, samples' count" in manifest.stale_note(
+        stats["stale"]
+    )
     # A stale stage re-runs without --force: it reads the new filter output.
     (result,) = run_pipeline(changed, str(out), stages=["caption"])
     assert not result.skipped and result.counts["clips"] > 0
@@ -137,3 +173,37 @@ def test_interrupted_table_swap_is_repaired(tmp_path):
     assert [r["item_id"] for r in _table(tmp_path, "rejects")] == ["a"]  # readers see the old copy only
     assert manifest.recover_tables(out) and _leftovers(tmp_path) == []
     assert [r["item_id"] for r in _table(tmp_path, "rejects")] == ["a"]
+
+
+def test_missing_outputs_are_redone_and_the_summary_counts_the_corpus(baseline, inputs, overrides, tmp_path, capsys):
+    """A finished stage checks its outputs on a re-run: lost or damaged shards are re-encoded (only theirs),
+    and a skipped re-run's summary counts the same rejects as the rejects table."""
+    import shutil
+
+    from pipeline import cli
+
+    out = tmp_path / "repaired"
+    shutil.copytree(baseline, out)
+    shards = sorted((out / "shards").glob("shard-*.tar"))
+    assert len(shards) >= 3
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])  # damaged: another size than recorded
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides)
+    results = run_pipeline(config, str(out), inputs=inputs)
+    assert [r.skipped for r in results] == [True, True, True, True, False]
+    assert results[-1].resumed == len(_corpus(baseline)) - 2  # the intact shards were kept, two samples redone
+    assert validate_corpus(str(out)) == []
+    assert _corpus(out) == _corpus(baseline)
+    assert _leftovers(out) == []
+    stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+    assert stages["encode"]["status"] == "done" and stages["encode"]["repaired"]
+
+    argv = ["run", "--config", str(PROJECT_ROOT / "configs" / "smoke.yaml"), "--output", str(out)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert cli.main([*argv, "--input", *inputs]) == 0
+    printed = capsys.readouterr().out
+    recorded = len(_table(out, "rejects"))
+    assert recorded > 0 and f"rejects recorded: {recorded:,} (0 by this run" in printed
+    split_line = next(line for line in printed.splitlines() if line.strip().startswith("split"))
+    assert f"clips {len(_table(out, 'clips')):,}" in split_line and "rejects: none" not in split_line
