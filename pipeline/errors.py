@@ -7,6 +7,11 @@ class StageInputError(RuntimeError):
     """A stage was asked to run without what it needs (e.g. split before ingest)."""
 
 
+class CorruptTableError(StageInputError):
+    """A manifest table holds a file that is not readable Parquet (a damaged footer, a foreign file): named, never
+    skipped, so a reader never shows a silently shortened table."""
+
+
 class StorageError(OSError):
     """Writing to the output failed (disk full, read-only, permissions, a vanished mount): not the input's fault.
 

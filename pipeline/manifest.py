@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.errors import CorruptTableError
 from pipeline.schema import SCHEMAS
 
 PART_ROWS = 100_000
@@ -171,9 +172,7 @@ def table_columns(out: str, name: str) -> list[str]:
     """Column names of a table as written (a stage may have added columns to it)."""
     if not table_exists(out, name):
         return list(SCHEMAS[name].names) if name in SCHEMAS else []
-    fs, path = _fs(table_dir(out, name))
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=[".", "_"])
-    return list(dataset.schema.names)
+    return list(_dataset(out, name).schema.names)
 
 
 def remove_table(out: str, name: str) -> None:
@@ -209,11 +208,41 @@ def read_table(out: str, name: str, columns: list[str] | None = None, filter: An
     if not table_exists(out, name):
         table = SCHEMAS[name].empty_table()
         return table.select(columns) if columns else table
+    dataset = _dataset(out, name)
+    try:
+        return dataset.to_table(columns=columns, filter=filter)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _corrupt_table(out, name, exc) from exc
+
+
+def _dataset(out: str, name: str) -> pads.Dataset:
+    """Every visible file of the table as Parquet: a file that is not is an error, never skipped."""
     fs, path = _fs(table_dir(out, name))
-    dataset = pads.dataset(
-        path, filesystem=fs, format="parquet", exclude_invalid_files=True, ignore_prefixes=[".", "_"]
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=[".", "_"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _corrupt_table(out, name, exc) from exc
+
+
+def _corrupt_table(out: str, name: str, exc: Exception) -> Exception:
+    """A CorruptTableError naming each unreadable file of the table (or `exc` itself when every file opens, e.g.
+    a storage failure while reading)."""
+    fs, path = _fs(table_dir(out, name))
+    bad = []
+    for file in sorted(p for p in fs.find(path) if _visible(p, path)):
+        try:
+            with fs.open(file, "rb") as fh:
+                pq.read_metadata(fh)
+        except Exception as err:  # noqa: BLE001 - any failure to open it is what we report
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            what = "not a Parquet file" if not file.endswith(".parquet") else "not readable Parquet"
+            bad.append(f"{file} ({what}: {reason})")
+    if not bad:
+        return exc
+    return CorruptTableError(
+        f"manifest table {name!r} of {out} has {len(bad)} unreadable file(s): {'; '.join(bad)}. Restore the "
+        f"file from a backup, or remove it and re-run the stage that writes {name!r} with --force"
     )
-    return dataset.to_table(columns=columns, filter=filter)
 
 
 def package_versions() -> dict[str, str]:

@@ -32,7 +32,19 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def validate_corpus(out: str, check_samples: bool = True) -> list[str]:
+    from pipeline.errors import CorruptTableError
+    from pipeline.schema import TABLES
+
     problems: list[str] = []
+    for table in TABLES:  # every table's files open as Parquet (a damaged one is named, never skipped)
+        try:
+            manifest.table_columns(out, table)
+            if manifest.table_exists(out, table):
+                manifest.read_table(out, table, columns=[])
+        except CorruptTableError as exc:
+            problems.append(str(exc))
+    if problems:
+        return problems
     if not manifest.table_exists(out, "shards"):
         return [f"{out}: no shards table in the manifest"]
     shards = manifest.read_table(out, "shards").to_pylist()
@@ -83,18 +95,33 @@ def _check_members(
 ) -> list[str]:
     problems: list[str] = []
     members: dict[str, dict[str, bytes]] = {}
+    names: Counter[str] = Counter()  # every member name once: a repeated one would collapse in `members`
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
+                names[info.name] += 1
                 key, ext = _split_member(info.name)
                 fh = tar.extractfile(info)
                 members.setdefault(key, {})[ext] = fh.read() if fh else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         return [f"shards/{name}: not a readable tar ({exc})"]
-    if len(members) != shard["num_samples"]:
-        problems.append(f"shards/{name}: {len(members)} samples, manifest says {shard['num_samples']}")
+    times: dict[str, int] = {}  # how often each key's samples appear: its most repeated member
+    repeated: dict[str, list[str]] = {}
+    for member, n in names.items():
+        key, ext = _split_member(member)
+        times[key] = max(times.get(key, 0), n)
+        if n > 1:
+            repeated.setdefault(key, []).append(ext)
+    for key, exts in sorted(repeated.items()):
+        problems.append(
+            f"shards/{name}: sample {key} appears {times[key]} times (members {', '.join(sorted(exts))} repeated); "
+            "a reader yields it more than once"
+        )
+    stored_samples = sum(times.values())
+    if stored_samples != shard["num_samples"]:
+        problems.append(f"shards/{name}: {stored_samples} samples, manifest says {shard['num_samples']}")
     for key in sorted(set(expected) - set(members)):
         problems.append(f"shards/{name}: sample {key} listed in the manifest is missing")
     for key in sorted(set(members) - set(expected)):
@@ -119,7 +146,17 @@ def _check_members(
         row = expected.get(key)
         if row is not None:
             problems += [f"shards/{name}: sample {key} {p}" for p in _check_arrays(arrays, row)]
+            caption = parts["txt"].decode("utf-8")
+            if row.get("caption") is not None and caption != row["caption"]:
+                problems.append(
+                    f"shards/{name}: sample {key} caption {_clip(caption)} differs from samples.caption "
+                    f"{_clip(row['caption'])}"
+                )
     return problems
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
 
 
 def _check_arrays(arrays: dict[str, np.ndarray], row: dict[str, Any]) -> list[str]:

@@ -130,6 +130,80 @@ def test_manifest_validate_cli_exit_codes(corpus, capsys):
     assert "(3 of 24 " in capsys.readouterr().out  # "(3 of 24 rows)", or "(3 of 24 matching rows; ...)"
 
 
+def _rewrite_shard(corpus: Path, shard: Path, edit) -> None:
+    """Rewrite `shard` with its members passed through `edit(list of (name, bytes))`, and make the shards table
+    agree with the new file (bytes, sha256): damage that only the members themselves can show."""
+    import pyarrow as pa
+
+    from pipeline import manifest
+
+    with tarfile.open(shard, "r:") as tar:
+        members = [(info.name, tar.extractfile(info).read()) for info in tar if info.isfile()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in edit(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    rows = manifest.read_table(str(corpus), "shards").to_pylist()
+    for row in rows:
+        if row["shard"] == shard.name:
+            row["bytes"], row["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+    schema = manifest.SCHEMAS["shards"]
+    manifest.write_table(
+        str(corpus), "shards", pa.Table.from_pylist(rows, schema=schema), prefix="", replace_table=True
+    )
+
+
+def test_validate_sees_a_repeated_key_and_a_changed_caption_behind_a_consistent_table(corpus, capsys):
+    from pipeline.cli import main
+
+    first = sorted((corpus / "shards").glob("shard-*.tar"))[0]
+    key = None
+
+    def repeat_first_sample(members):
+        nonlocal key
+        key = members[0][0].split(".", 1)[0]
+        return members + [(n, d) for n, d in members if n.startswith(key + ".")]
+
+    _rewrite_shard(corpus, first, repeat_first_sample)
+    problems = validate_corpus(str(corpus))
+    assert any(f"sample {key} appears 2 times" in p for p in problems), problems
+    assert not any("sha256" in p or "bytes, manifest says" in p for p in problems)  # the table agrees
+
+    def recaption(members):
+        return [(n, b"a different caption" if n.endswith(".txt") else d) for n, d in dict(members).items()]
+
+    _rewrite_shard(corpus, first, recaption)
+    problems = validate_corpus(str(corpus))
+    assert problems and all("differs from samples.caption" in p for p in problems), problems
+    assert main(["manifest", "validate", str(corpus)]) == 1
+    assert "'a different caption' differs from samples.caption" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["footer", "foreign"])
+def test_an_unreadable_table_file_is_named_never_skipped(corpus, damage, capsys):
+    from pipeline.cli import main
+
+    part = sorted((corpus / "manifest" / "samples").rglob("*.parquet"))[0]
+    if damage == "footer":
+        data = bytearray(part.read_bytes())
+        data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length past the file's start
+        part.write_bytes(bytes(data))
+        bad = part
+    else:
+        bad = part.parent / "notes.txt"
+        bad.write_text("not a table")
+    assert main(["manifest", "validate", str(corpus)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+    for argv in (["manifest", "show", str(corpus), "samples"], ["manifest", "stats", str(corpus)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("recap: error:") == 1 and str(bad) in err and "unreadable" in err
+
+
 def _members(n: int = 6, key_len: int = 0) -> list[tuple[dict, str]]:
     """(tar members, bucket) of `n` samples; `key_len` pads keys to that length."""
     out = []
