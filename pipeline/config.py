@@ -109,6 +109,9 @@ class SplitConfig(_Section):
     analysis_width: int = Field(128, ge=32, description="frames are downscaled to at most this width for detection")
     decode_threads: int = Field(1, ge=0, description="decoder threads per worker (0 = FFmpeg's choice)")
     min_clip_s: float = Field(2.0, ge=0, description="scenes shorter than this stay in clips, rejected too_short")
+    min_clip_frames: int = Field(
+        8, ge=1, description="scenes with fewer frames than this stay in clips, rejected too_short (sparse timestamps)"
+    )
     max_clip_s: float | None = Field(10.0, gt=0, description="longer scenes are cut into equal chunks; null: no limit")
     trim_frames: int = Field(0, ge=0, description="frames dropped on each side of every detected cut")
     max_missing_frames_frac: float = Field(
@@ -287,6 +290,12 @@ class EncodeConfig(_Section):
         16, ge=8, description="bucket sides are multiples of this and of the VAE's spatial factor (x patch size)"
     )
     num_frames: int = Field(17, ge=1, description="frames per sample, at most (on the VAE's frame grid 1+k*t)")
+    min_frames: int = Field(
+        2,
+        ge=1,
+        description="fewer frames than this on the VAE's frame grid (never less than 1+t for a video VAE): the clip "
+        "is rejected too_few_frames instead of becoming a sample of a still",
+    )
     target_fps: float | None = Field(None, gt=0, description="sample frames at about this rate; null: every frame")
     frames_per_batch: int = Field(16, ge=1, description="frames per forward pass of an image VAE")
     text_encoder: str | None = Field(

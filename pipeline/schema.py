@@ -42,6 +42,7 @@ class RejectReason(enum.StrEnum):
     NSFW = "nsfw"
     WATERMARK = "watermark"
     NEAR_DUPLICATE = "near_duplicate"
+    SCORE_UNAVAILABLE = "score_unavailable"  # a thresholded score came out NaN (e.g. motion of a 1-frame clip)
     # caption stage: "caption_" + the first failing QC flag (captioner.quality.CaptionFlag)
     CAPTION_EMPTY = "caption_empty"
     CAPTION_REFUSAL = "caption_refusal"

@@ -74,8 +74,13 @@ def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor:
     positions, stride = frame_positions(
         row["start_frame"], row["end_frame"], row["fps"] or 25.0, cfg.target_fps, cfg.num_frames, temporal_factor
     )
-    if not positions:
-        raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame on the VAE's frame grid")
+    floor = max(cfg.min_frames, 1 + temporal_factor if temporal_factor > 1 else 1)
+    if len(positions) < floor:
+        raise VideoRejected(
+            RejectReason.TOO_FEW_FRAMES,
+            f"{len(positions)} frame(s) on the VAE's frame grid, fewer than {floor} (encode.min_frames="
+            f"{cfg.min_frames}, VAE temporal factor {temporal_factor})",
+        )
     try:
         frames = read_frames_at(row["uri"], row["start_frame"], row["start_s"], positions)
     except av.error.FFmpegError as exc:

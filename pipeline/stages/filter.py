@@ -166,7 +166,7 @@ def score_video_clips(
 
 
 THRESHOLD_REASONS = frozenset(r.value for pair in SCORE_REJECT_REASONS.values() for r in pair)
-DECISION_REASONS = THRESHOLD_REASONS | {RejectReason.NEAR_DUPLICATE.value}
+DECISION_REASONS = THRESHOLD_REASONS | {RejectReason.NEAR_DUPLICATE.value, RejectReason.SCORE_UNAVAILABLE.value}
 
 
 def upstream_reason(row: dict[str, Any]) -> str | None:
@@ -181,22 +181,29 @@ def scoring_failures(row: dict[str, Any]) -> list[str]:
 
 
 def decide(row: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
-    """Reason codes of every threshold the clip's scores fail (NaN or missing scores never fail)."""
+    """Reason codes of every threshold the clip's scores fail. A NaN score fails as score_unavailable (a check
+    that could not be made is not a pass); a missing one (that scorer is off) is not judged."""
     reasons = []
+    unavailable = False
     for name in SCORE_REJECT_REASONS:  # fixed order: the first failure is the primary reason
         limit = thresholds.get(name)
         if limit is None:
             continue
         value = row.get(f"score_{name}")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
         low, high = SCORE_REJECT_REASONS[name]
         lo = limit.min if hasattr(limit, "min") else limit.get("min")
         hi = limit.max if hasattr(limit, "max") else limit.get("max")
+        if value is None or (lo is None and hi is None):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            unavailable = True
+            continue
         if lo is not None and value < lo:
             reasons.append(low.value)
         elif hi is not None and value > hi:
             reasons.append(high.value)
+    if unavailable:
+        reasons.append(RejectReason.SCORE_UNAVAILABLE.value)
     return reasons
 
 

@@ -35,12 +35,13 @@ SPLIT_RESULT_SCHEMA = pa.schema(
 )
 
 
-def _chunk(start: int, end: int, max_frames: int | None) -> list[tuple[int, int]]:
-    """Cut [start, end) into the fewest equal chunks no longer than `max_frames`."""
+def _chunk(start: int, end: int, max_frames: int | None, min_frames: int = 1) -> list[tuple[int, int]]:
+    """Cut [start, end) into the fewest equal chunks no longer than `max_frames`, none shorter than `min_frames`
+    (which wins when the two disagree)."""
     length = end - start
     if max_frames is None or length <= max_frames:
         return [(start, end)]
-    parts = math.ceil(length / max_frames)
+    parts = max(1, min(math.ceil(length / max_frames), length // max(1, min_frames)))
     bounds = [start + round(i * length / parts) for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
@@ -57,8 +58,9 @@ def plan_clips(
     """Clips (rows of the `clips` table, without source fields) from detected scenes.
 
     Trimming removes `trim_frames` on each side of a detected cut (not at the video's ends);
-    scenes shorter than `min_clip_s` after trimming stay as rows rejected `too_short`;
-    longer than `max_clip_s` are cut into equal chunks that share the scene's index.
+    scenes shorter than `min_clip_s` or `min_clip_frames` after trimming stay as rows rejected `too_short`;
+    longer than `max_clip_s` are cut into equal chunks that share the scene's index. No clip ends past the last
+    frame's time plus one frame (`end_time_s`).
     """
 
     def time_at(frame: int) -> float:
@@ -73,8 +75,8 @@ def plan_clips(
             start, end = scene_start, scene_end
             too_short = True
         else:
-            too_short = (time_at(end) - time_at(start)) < cfg.min_clip_s - 1e-9
-        pieces = [(start, end)] if too_short else _chunk(start, end, max_frames)
+            too_short = (time_at(end) - time_at(start)) < cfg.min_clip_s - 1e-9 or end - start < cfg.min_clip_frames
+        pieces = [(start, end)] if too_short else _chunk(start, end, max_frames, cfg.min_clip_frames)
         for piece_start, piece_end in pieces:
             start_s, end_s = time_at(piece_start), time_at(piece_end)
             clips.append(

@@ -69,3 +69,48 @@ def test_transcoded_clips_have_exactly_the_clip_frames(sample_videos, tmp_path):
             n = sum(1 for _ in container.decode(video=0))
         assert n == clip["end_frame"] - clip["start_frame"]
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".mp4")]
+
+
+def _sparse_video(path, gaps_s: float = 3600.0, count: int = 4):
+    """An H.264 mp4 of `count` frames `gaps_s` seconds apart (patched timestamps, a time base of 1 ms)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(i * gaps_s * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_sparse_timestamps_make_no_clip(tmp_path):
+    """4 frames an hour apart: no 1-frame clip of an hour passes; no clip ends past the last frame plus one."""
+    from pipeline.stages.filter import decide
+
+    path = tmp_path / "sparse.mp4"
+    _sparse_video(path)
+    out = split_video(str(path), "0123456789abcdef", SplitConfig().model_dump(), None)
+    clips = out["clips"]
+    assert out["num_frames"] == 4 and clips
+    assert not any(c["passed"] for c in clips)
+    assert {c["reject_reason"] for c in clips} == {"too_short"}
+    last_frame_s = 3 * 3600.0
+    assert max(c["end_s"] for c in clips) <= last_frame_s + 3600.0 + 1e-6
+    # a score that could not be computed fails its check instead of passing every threshold
+    thresholds = {"motion": {"min": 0.1, "max": None}, "frozen": {"min": None, "max": 0.5}}
+    assert decide({"score_motion": float("nan"), "score_frozen": 0.1}, thresholds) == ["score_unavailable"]
+    assert decide({"score_motion": None, "score_frozen": 0.1}, thresholds) == []  # that scorer is off
+
+
+def test_short_chunks_never_fall_below_min_clip_frames():
+    cfg = SplitConfig(min_clip_s=0.0, max_clip_s=1.0, min_clip_frames=8)
+    clips = plan_clips("c" * 16, [(0, 9)], _times(9), 0.9, 8.0, cfg, 9)  # 9 frames at 8 fps, max 8 per clip
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 9)]
