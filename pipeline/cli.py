@@ -159,6 +159,8 @@ def _print_summary(results: list[Any], output: str) -> None:
             f"  [{done / result.seconds:,.1f} {unit}/s]" if done and result.seconds > 0 and not result.skipped else ""
         )
         print("  " + result.summary_line() + rate)
+        for reason, count in result.info.get("skipped", {}).items():
+            print(f"    skipped {count:,} file(s): {reason}")
     this_run = sum(sum(r.rejects_by_reason.values()) for r in results if not r.skipped)
     if results and not any(r.stage.endswith("(dry run)") for r in results):
         # The corpus's counts, the same as `recap manifest stats` and the report.

@@ -117,6 +117,11 @@ class SplitConfig(_Section):
     max_missing_frames_frac: float = Field(
         0.02, ge=0, le=1, description="decoding fewer frames than the container lists, by more than this: truncated"
     )
+    keep_decodable: bool = Field(
+        True,
+        description="a video cut off part-way keeps clips from the frames that decoded before the cut (noted in "
+        "videos.reject_detail); false: it is rejected truncated. Damage mid-file always rejects (decode_error)",
+    )
     transcode: TranscodeConfig = Field(default_factory=TranscodeConfig)
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
 

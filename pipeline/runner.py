@@ -171,13 +171,17 @@ def run_ingest(
     output: str,
     uris: list[str] | None = None,
     checkpoint: StageCheckpoint | None = None,
+    skipped: dict[str, int] | None = None,
 ) -> StageResult:
-    """Find input files, hash and probe each on Ray, write the `videos` table and ingest rejects."""
+    """Find input files, hash and probe each on Ray, write the `videos` table and ingest rejects. `skipped`: files
+    the extension filter left out, by reason (found here when `uris` is not given)."""
     import ray.data
 
     start = time.monotonic()
     if uris is None:
-        uris = discover_inputs(inputs, config.ingest.extensions)
+        skipped = {}
+        uris = discover_inputs(inputs, config.ingest.extensions, skipped)
+    skipped = skipped or {}
     checkpoint = _checkpoint(output, "ingest", checkpoint)
     done = checkpoint.done("uri")
     todo = [u for u in uris if u not in done]
@@ -189,11 +193,13 @@ def run_ingest(
             checkpoint.commit(batch)
             statuses = batch.column("status").to_pylist()
             progress.update(batch.num_rows, rejected=sum(s != "ok" for s in statuses))
-    progress.close()
     probed = checkpoint.read(schema=VIDEOS_SCHEMA)
     wanted = set(uris)
     rows = [r for r in (probed.to_pylist() if probed is not None else []) if r["uri"] in wanted]
+    rejected_before = sum(r["status"] != "ok" for r in rows)
     rows = mark_duplicates(rows)
+    progress.update(0, rejected=sum(r["status"] != "ok" for r in rows) - rejected_before)  # duplicates
+    progress.close()
     rows.sort(key=lambda r: r["uri"])
     videos = pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA)
     manifest.write_table(output, "videos", videos, prefix="videos")
@@ -203,9 +209,10 @@ def run_ingest(
     return StageResult(
         "ingest",
         time.monotonic() - start,
-        counts={"files": len(rows), "ok": ok, "rejected": len(rows) - ok},
+        counts={"files": len(rows), "ok": ok, "rejected": len(rows) - ok}
+        | ({"skipped": sum(skipped.values())} if skipped else {}),
         rejects_by_reason=_count_by(rejects.column("reason").to_pylist()),
-        info={"inputs": list(inputs)},
+        info={"inputs": list(inputs)} | ({"skipped": dict(sorted(skipped.items()))} if skipped else {}),
         resumed=len(uris) - len(todo),
     )
 
@@ -264,7 +271,12 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
             "uri": bad.column("uri"),
             "reason": bad.column("reject_reason"),
             "detail": pa.array(
-                [f"scene shorter than split.min_clip_s={config.split.min_clip_s}"] * bad.num_rows, pa.string()
+                [
+                    f"scene shorter than split.min_clip_s={config.split.min_clip_s} "
+                    f"or split.min_clip_frames={config.split.min_clip_frames}"
+                ]
+                * bad.num_rows,
+                pa.string(),
             ),
         },
         schema=REJECTS_SCHEMA,
@@ -299,6 +311,8 @@ def _update_videos_after_split(output: str, videos: pa.Table, split_results: pa.
         if res["status"] == VideoStatus.OK.value:
             row["num_frames"] = res["num_frames"]
             row["num_frames_exact"] = True
+            if res.get("reject_detail"):  # kept, with a note (e.g. only the part before a cut-off decoded)
+                row["reject_detail"] = res["reject_detail"]
         else:
             row.update(
                 status=VideoStatus.REJECTED.value,
@@ -345,7 +359,8 @@ def run_pipeline(
     if "ingest" in chosen:
         if not inputs:
             raise ValueError("the ingest stage needs --input (files, directories, globs or URIs)")
-        uris = discover_inputs(inputs, config.ingest.extensions)  # fail on a bad input before Ray starts
+        skipped: dict[str, int] = {}
+        uris = discover_inputs(inputs, config.ingest.extensions, skipped)  # fail on a bad input before Ray starts
     elif "split" in chosen and not manifest.table_exists(output, "videos"):
         raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
     elif chosen[0] == "filter" and not manifest.table_exists(output, "clips"):
@@ -401,7 +416,7 @@ def run_pipeline(
                 seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
             state.start(stage, fp, settings, cfg_dict)
             if stage == "ingest":
-                result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint)
+                result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint, skipped=skipped)
             elif stage == "split":
                 result = run_split(config, output, checkpoint=checkpoint)
             elif stage == "filter":

@@ -41,10 +41,21 @@ def _has_magic(path: str) -> bool:
     return _glob.has_magic(path)
 
 
-def discover_inputs(inputs: Iterable[str], extensions: Iterable[str]) -> list[str]:
-    """Every video file under `inputs`, filtered by extension, deduplicated and sorted."""
+def _skip_reason(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    ext = os.path.splitext(name)[1].lower()
+    return f"extension {ext} not in ingest.extensions" if ext else "no file extension"
+
+
+def discover_inputs(
+    inputs: Iterable[str], extensions: Iterable[str], skipped: dict[str, int] | None = None
+) -> list[str]:
+    """Every video file under `inputs`, filtered by extension, deduplicated and sorted. Files under a directory or
+    glob that the extension filter leaves out are counted by reason in `skipped` (a file named explicitly is
+    always taken)."""
     exts = tuple(e.lower() for e in extensions)
     found: set[str] = set()
+    left_out: set[str] = set()
     for raw in inputs:
         uri = str(raw)
         if is_local(uri):
@@ -62,6 +73,14 @@ def discover_inputs(inputs: Iterable[str], extensions: Iterable[str]) -> list[st
             if not matches and _has_magic(path):
                 raise InputError(f"input pattern {uri!r} matches no file")
             found.update(m for m in matches if m.lower().endswith(exts))
+            left_out.update(m for m in matches if not m.lower().endswith(exts))
+            if os.path.isdir(path):  # directories named like videos (x.mp4/) are not inputs either
+                left_out.update(
+                    os.path.join(root, d) + "/"
+                    for root, dirs, _ in os.walk(path)
+                    for d in dirs
+                    if d.lower().endswith(exts)
+                )
             continue
         fs: Any
         fs, path = url_to_fs(uri)
@@ -77,4 +96,9 @@ def discover_inputs(inputs: Iterable[str], extensions: Iterable[str]) -> list[st
         else:
             raise InputError(f"input {uri!r} does not exist")
         found.update(_join(fs.protocol, p) for p in matches if p.lower().endswith(exts))
+        left_out.update(p for p in matches if not p.lower().endswith(exts))
+    if skipped is not None:
+        for path in left_out - found:
+            reason = "a directory named like a video" if path.endswith("/") else _skip_reason(path)
+            skipped[reason] = skipped.get(reason, 0) + 1
     return sorted(found)

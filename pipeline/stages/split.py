@@ -19,7 +19,7 @@ from pipeline.config import RecapConfig, SplitConfig
 from pipeline.scenes.detectors import Scene, build_detector
 from pipeline.schema import RejectReason, make_clip_id
 from pipeline.stages.common import IsolatedStage
-from pipeline.video.decode import VideoRejected, iter_analysis_frames, open_video
+from pipeline.video.decode import VideoRejected, cut_off_note, iter_analysis_frames, open_video, plain_error
 
 STORAGE_ERROR = "storage_error"  # a result status the driver turns into a stopped run, never a reject
 SPLIT_RESULT_SCHEMA = pa.schema(
@@ -110,14 +110,23 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         times = array("d")
         width = height = None
         count = 0
+        stopped = None  # why decoding ended early, when the decodable part is kept
         try:
             for frame in iter_analysis_frames(container, cfg.analysis_width, cfg.decode_threads, detector.exact_size):
                 detector.feed(frame.index, frame.bgr)
                 times.append(frame.time_s)
                 count += 1
             width, height = stream.codec_context.width, stream.codec_context.height
-        except av.error.FFmpegError as exc:
-            raise VideoRejected(RejectReason.DECODE_ERROR, f"decoder failed after {count} frames: {exc}") from None
+        except (av.error.FFmpegError, OSError) as exc:
+            cut = cut_off_note(uri, container, stream)
+            failure = f"decoding stopped after {count} frames: {plain_error(exc)}"
+            # A cut-off file keeps what decoded before the cut; damage mid-file rejects the video (frames
+            # near garbage are concealed, not whole).
+            if not (cut and cfg.keep_decodable and count >= cfg.min_clip_frames):
+                reason = RejectReason.TRUNCATED if cut else RejectReason.DECODE_ERROR
+                raise VideoRejected(reason, f"{cut}; {failure}" if cut else failure) from None
+            stopped = f"truncated: {cut}; {failure}; clips cover the {count} frames before"
+            width, height = stream.codec_context.width, stream.codec_context.height
         if count == 0:
             raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
         scenes = detector.finish(count)
@@ -132,6 +141,7 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         "times": times,
         "end_time_s": end_time,
         "detector": detector.name,
+        "stopped": stopped,
     }
 
 
@@ -145,13 +155,14 @@ def split_video(
     """
     cfg = SplitConfig.model_validate(cfg_dict)
     found = detect_scenes(uri, cfg)
-    if expected_frames:
+    note = found["stopped"]
+    if expected_frames and note is None:
         missing = expected_frames - found["num_frames"]
         if missing > max(2, cfg.max_missing_frames_frac * expected_frames):
-            raise VideoRejected(
-                RejectReason.TRUNCATED,
-                f"decoded {found['num_frames']} of the {expected_frames} frames the container lists",
-            )
+            detail = f"decoded {found['num_frames']} of the {expected_frames} frames the container lists"
+            if not (cfg.keep_decodable and found["num_frames"] >= cfg.min_clip_frames):
+                raise VideoRejected(RejectReason.TRUNCATED, detail)
+            note = f"truncated: {detail}; clips cover the decodable part"
     clips = plan_clips(
         video_id, found["scenes"], found["times"], found["end_time_s"], found["fps"], cfg, found["num_frames"]
     )
@@ -164,7 +175,7 @@ def split_video(
         written = transcode_clips(uri, wanted, clips_dir, cfg.transcode)
         for clip in clips:
             clip["clip_uri"] = written.get(clip["clip_id"])
-    return {"num_frames": found["num_frames"], "clips": clips}
+    return {"num_frames": found["num_frames"], "clips": clips, "note": note}
 
 
 class SplitStage(IsolatedStage):
@@ -203,6 +214,7 @@ class SplitStage(IsolatedStage):
                 clip["uri"] = uri
             out["num_frames"] = outcome.result["num_frames"]
             out["clips_json"] = json.dumps(clips)
+            out["reject_detail"] = outcome.result.get("note")  # an ok video's note: kept the decodable part
         else:
             out.update(status="rejected", reject_reason=rejected[0], reject_detail=rejected[1])
         return out

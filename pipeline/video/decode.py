@@ -22,6 +22,66 @@ from pipeline.video.isolation import heartbeat
 
 _HASH_CHUNK = 8 << 20
 
+# FFmpeg's errors in plain words (by errno / AVERROR code); the raw text follows in brackets.
+_PLAIN_ERRORS = {
+    1094995529: "the data is not valid for its format (damaged, or cut off)",  # AVERROR_INVALIDDATA
+    541478725: "the file ends before the data its header describes (cut off)",  # AVERROR_EOF
+    1: "no readable video data where the index points (a seek failed: the file is probably cut off)",  # EPERM
+    5: "an I/O error while reading the file",  # EIO
+    12: "out of memory while decoding",  # ENOMEM
+    1414092869: "a bitstream filter or codec is missing from this FFmpeg build",  # AVERROR_BSF_NOT_FOUND
+    1330794744: "no decoder for this codec in this FFmpeg build",  # AVERROR_DECODER_NOT_FOUND
+}
+# Containers FFmpeg opens for single images: a still image is not a video.
+_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "tiff_pipe", "webp_pipe", "gif_pipe", "ppm_pipe"}
+_IMAGE_CODECS = {"png", "mjpeg", "bmp", "tiff", "webp", "ppm", "jpeg2000"}
+
+
+def plain_error(exc: BaseException) -> str:
+    """An FFmpeg/PyAV error as a person would read it, the raw text kept in brackets after it."""
+    code = getattr(exc, "errno", None)
+    raw = str(exc)
+    plain = _PLAIN_ERRORS.get(abs(code)) if isinstance(code, int) else None
+    return f"{plain} [FFmpeg: {raw}]" if plain else raw
+
+
+def promised_bytes(container: Any) -> int | None:
+    """About how many bytes the container's header says the file holds (bit rate x duration), if it says."""
+    if container.bit_rate and container.duration:
+        return int(container.bit_rate * (container.duration / av.time_base) / 8)
+    return None
+
+
+def packets_after(container: Any, stream: Any, limit: int = 8) -> int:
+    """How many more (non-empty) packets the demuxer finds from where it stands, up to `limit`: after a decode
+    failure, none means the file ends there (cut off), many mean damage in the middle."""
+    found = 0
+    try:
+        for packet in container.demux(stream):
+            found += packet.size > 0
+            if found >= limit:
+                break
+    except (av.error.FFmpegError, OSError):
+        pass
+    return found
+
+
+def cut_off_note(uri: str, container: Any, stream: Any | None = None) -> str | None:
+    """Why the file looks cut off, or None: it is clearly shorter than its header says, or (given the stream, after
+    a decode failure) the demuxer finds no packet after the failure."""
+    if stream is not None and packets_after(container, stream) <= 1:
+        listed = f" although its header lists {stream.frames} frames" if stream.frames else ""
+        return f"the file ends where decoding failed{listed} (cut off)"
+    promised = promised_bytes(container)
+    try:
+        with open_binary(uri) as fh:
+            size = fh.seek(0, 2)
+    except OSError:
+        return None
+    if promised and size < 0.9 * promised:
+        return f"the file holds {size:,} of the ~{promised:,} bytes its header promises"
+    return None
+
 
 class VideoRejected(Exception):
     """A video that cannot be used, with its stable reason code."""
@@ -44,9 +104,9 @@ def open_video(uri: str) -> Iterator[Any]:
             if kind is not None:
                 raise VideoRejected(
                     RejectReason.TRUNCATED,
-                    f"{kind} header found but FFmpeg cannot open it (truncated or damaged): {exc}",
+                    f"{kind} header found but FFmpeg cannot open it (cut off or damaged): {plain_error(exc)}",
                 ) from None
-            raise VideoRejected(RejectReason.NOT_A_VIDEO, f"FFmpeg cannot open it: {exc}") from None
+            raise VideoRejected(RejectReason.NOT_A_VIDEO, f"FFmpeg cannot open it: {plain_error(exc)}") from None
         try:
             yield container
         finally:
@@ -94,8 +154,8 @@ def probe_video(uri: str, min_frames: int = 2) -> dict[str, Any]:
     """
     try:
         return _probe_container(uri, min_frames)
-    except av.error.FFmpegError as exc:
-        raise VideoRejected(RejectReason.DECODE_ERROR, str(exc)) from None
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoRejected(RejectReason.DECODE_ERROR, plain_error(exc)) from None
 
 
 def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
@@ -105,6 +165,10 @@ def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
             raise VideoRejected(RejectReason.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        if container.format.name in _IMAGE_FORMATS or (ctx.name in _IMAGE_CODECS and stream.frames == 1):
+            raise VideoRejected(
+                RejectReason.NOT_A_VIDEO, f"still image ({ctx.name} in {container.format.name}), not a video"
+            )
         info: dict[str, Any] = {
             "container": container.format.name,
             "codec": ctx.name,
@@ -131,13 +195,28 @@ def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
                     last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
                 if num_frames % 256 == 0:
                     heartbeat()
+            if num_frames == 0:
+                kind = _container_magic(uri)
+                if kind is not None:
+                    raise VideoRejected(
+                        RejectReason.TRUNCATED, f"{kind} header found but no video packet follows (cut off)"
+                    )
+                raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "the video stream holds no packet")
             container.seek(0)
         # Decode the first frame: catches files whose headers parse but whose data does not.
         try:
             first = next(container.decode(stream), None)
-        except av.error.FFmpegError as exc:
-            raise VideoRejected(RejectReason.DECODE_ERROR, f"first frame does not decode: {exc}") from None
+        except (av.error.FFmpegError, OSError) as exc:
+            cut = cut_off_note(uri, container, stream)
+            if cut:
+                raise VideoRejected(RejectReason.TRUNCATED, f"{cut}; no frame decodes ({plain_error(exc)})") from None
+            raise VideoRejected(
+                RejectReason.DECODE_ERROR, f"first frame does not decode: {plain_error(exc)}"
+            ) from None
         if first is None:
+            cut = cut_off_note(uri, container)
+            if cut:
+                raise VideoRejected(RejectReason.TRUNCATED, f"{cut}; no frame decodes")
             raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
         info["width"] = info["width"] or first.width
         info["height"] = info["height"] or first.height

@@ -70,6 +70,9 @@ def test_good_files_are_split_into_clips(bad_run):
     summary = {r.stage: r for r in results}
     assert summary["split"].counts["rejected_videos"] == 1  # corrupt_middle.mp4
     assert summary["ingest"].rejects_by_reason["duplicate_file"] == 1
+    # readme.txt is left out by the extension filter: counted and said, not silently dropped
+    assert summary["ingest"].counts["skipped"] == 1
+    assert summary["ingest"].info["skipped"] == {"extension .txt not in ingest.extensions": 1}
 
 
 def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp_path):
