@@ -83,6 +83,9 @@ class RaySession:
         import ray.data
 
         if not ray.is_initialized():
+            # Ray's notice that a local cluster turned token auth on is for cluster admins, not a recap user: the
+            # auth stays on, the line stays off the terminal.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
             if self.address:
                 kwargs["address"] = self.address
@@ -967,11 +970,15 @@ def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | N
     from pipeline.schema import RejectReason
     from pipeline.shards.writer import write_corpus_shards
     from pipeline.stages.encode import EncodeModelStage, EncodePrepStage
+    from pipeline.vae.load import fallback_note
 
     start = time.monotonic()
     cfg = config.encode
     if not manifest.table_exists(output, "clips"):
         raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
+    fallback = fallback_note(cfg.vae, cfg.vae_fallback)
+    if fallback:
+        log.warning("recap: WARNING: %s", fallback)
     clips = manifest.read_table(output, "clips")
     mask = pc.equal(clips.column("passed"), True)
     if "caption" in clips.column_names:
@@ -1004,6 +1011,8 @@ def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | N
                 clip = by_id[row["clip_id"]]
                 if not vae_info:
                     vae_info.update(json.loads(row["vae_info"]), **_vae_spec(cfg))
+                    if fallback:
+                        vae_info["vae_fallback_note"] = fallback
                     checkpoint.save_meta(vae_info)
                 if row["error"]:
                     reject_rows.append(

@@ -357,6 +357,9 @@ def render_page(
         if partial
         else ""
     )
+    fallback = ((run.get("stages") or {}).get("encode") or {}).get("vae_fallback_note")
+    if fallback:
+        partial_note += f'<p class="note warn" id="vae-fallback">Warning: {_e(fallback)}.</p>'
     stale = [s["stage"] for s in stages if s["status"] == "stale"]
     if stale:
         from pipeline.manifest import stale_note

@@ -296,6 +296,15 @@ def _is_taesd_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*_encoder.pth"))
 
 
+def fallback_note(spec: str, fallback: str | None) -> str | None:
+    """A warning for a person when `spec` is a missing local path and `fallback` will be loaded instead."""
+    path = Path(spec).expanduser()
+    if spec.startswith(TINY_PREFIX) or not fallback or path.exists() or not spec.startswith((".", "/", "~")):
+        return None
+    weights = "a tiny RANDOM VAE: these latents train nothing real" if fallback.startswith(TINY_PREFIX) else fallback
+    return f"encode.vae {spec!r} does not exist; encoding with encode.vae_fallback {fallback!r} ({weights})"
+
+
 def resolve_vae_spec(spec: str, fallback: str | None = None, subfolder: str | None = None) -> tuple[str, str | None]:
     """(spec, subfolder) to load: tiny families built into the cache, a missing local path replaced by
     `fallback`, and a pipeline directory's `vae/` subfolder found on its own."""

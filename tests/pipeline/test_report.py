@@ -133,8 +133,16 @@ def _synthetic_corpus(out: Path, n: int) -> dict:
 
 
 def test_gallery_data_is_paginated_and_first_paint_bounded(tmp_path):
+    from pipeline.vae.load import fallback_note
+
     synthetic = _synthetic_corpus(tmp_path, 250)
+    note = fallback_note(str(tmp_path / "no-such-vae"), "recap-tiny:taesd")
+    assert "RANDOM" in note and fallback_note("recap-tiny:taesd", "recap-tiny:taesd") is None
+    run = json.loads((tmp_path / "manifest" / "run.json").read_text())
+    run["stages"]["encode"] = {"status": "done", "vae_fallback_note": note}
+    (tmp_path / "manifest" / "run.json").write_text(json.dumps(run))
     result = build_report(str(tmp_path), thumbnails=False, page_size=100)
+    assert 'id="vae-fallback"' in (tmp_path / "report" / "index.html").read_text()  # said on the page too
     data = tmp_path / "report" / "data"
     assert result.chunks == 3 and sorted(p.name for p in data.glob("clips-*.js")) == [
         "clips-0000.js",
