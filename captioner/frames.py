@@ -13,7 +13,12 @@ import cv2
 import numpy as np
 
 from pipeline.schema import RejectReason
-from pipeline.video.decode import VideoRejected, decode_from, open_video
+from pipeline.video.decode import VideoRejected, decode_from, display_turns, open_video, upright
+
+
+def _upright_rgb(frame: Any) -> np.ndarray:
+    """A decoded frame as RGB, standing as players show it (its display matrix applied)."""
+    return upright(frame.to_ndarray(format="rgb24"), display_turns(frame))
 
 
 def sample_times(
@@ -57,14 +62,14 @@ def read_clip_frames(
                     break
                 # Take the latest frame at or before each target time.
                 while pending < len(targets) and t > targets[pending] and last is not None:
-                    frames.append(resize_to(last[0].to_ndarray(format="rgb24"), max_side))
+                    frames.append(resize_to(_upright_rgb(last[0]), max_side))
                     times.append(last[1])
                     pending += 1
                 last = (frame, t)
                 if pending >= len(targets):
                     break
             while last is not None and pending < len(targets):
-                frames.append(resize_to(last[0].to_ndarray(format="rgb24"), max_side))
+                frames.append(resize_to(_upright_rgb(last[0]), max_side))
                 times.append(last[1])
                 pending += 1
     except av.error.FFmpegError as exc:

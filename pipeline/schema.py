@@ -108,6 +108,7 @@ VIDEOS_SCHEMA = pa.schema(
         ("start_s", pa.float64()),  # presentation time of the first frame (not always 0)
         ("has_audio", pa.bool_()),
         ("num_frames_exact", pa.bool_()),  # False: counted from packets, not decoded
+        ("rotation", pa.int32()),  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
     ]
 )
 

@@ -27,7 +27,7 @@ def strip_times(start_s: float, end_s: float, frames: int = FRAMES_PER_STRIP) ->
 def _video_strips(uri: str, clips: list[dict[str, Any]], out_dir: str, height: int) -> dict[str, str]:
     import cv2
 
-    from pipeline.video.decode import decode_from, open_video
+    from pipeline.video.decode import decode_from, display_turns, open_video, upright
 
     written: dict[str, str] = {}
     try:
@@ -39,8 +39,14 @@ def _video_strips(uri: str, clips: list[dict[str, Any]], out_dir: str, height: i
                     if t >= clip["end_s"] - 1e-6 and images:
                         break
                     if t + 1e-6 >= targets[len(images)]:
-                        width = max(2, round(frame.width * height / frame.height / 2) * 2)
-                        images.append(frame.to_ndarray(width=width, height=height, format="bgr24"))
+                        turns = display_turns(frame)  # strips stand as players show the video
+                        if turns % 2:
+                            side = max(2, round(frame.height * height / frame.width / 2) * 2)
+                            image = frame.to_ndarray(width=height, height=side, format="bgr24")
+                        else:
+                            width = max(2, round(frame.width * height / frame.height / 2) * 2)
+                            image = frame.to_ndarray(width=width, height=height, format="bgr24")
+                        images.append(upright(image, turns))
                         if len(images) == len(targets):
                             break
                 if not images:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.config import EncodeConfig, RecapConfig
 from pipeline.schema import RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
-from pipeline.video.decode import VideoRejected, decode_from, open_video
+from pipeline.video.decode import VideoRejected, decode_from, display_turns, open_video, upright
 from pipeline.video.frames import frame_positions, make_buckets, nearest_bucket, resize_center_crop
 
 PREP_SCHEMA = pa.schema(
@@ -62,7 +62,7 @@ def read_frames_at(uri: str, start_frame: int, start_s: float, positions: list[i
         # The first frame at or after start_s is start_frame; count decoded frames from there.
         for index, (frame, _t) in enumerate(decode_from(container, start_s), start=start_frame):
             if index in wanted:
-                out[index] = frame.to_ndarray(format="rgb24")
+                out[index] = upright(frame.to_ndarray(format="rgb24"), display_turns(frame))
             if index >= last:
                 break
     return out

@@ -25,7 +25,7 @@ from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import score_cut_inside, score_frozen, score_motion
 from pipeline.scoring.text import score_text
 from pipeline.stages.common import IsolatedStage
-from pipeline.video.decode import open_video
+from pipeline.video.decode import display_turns, open_video, upright
 from pipeline.video.isolation import heartbeat
 
 CLIP_FRAME_SIDE = 224  # short side of the frames handed to the CLIP scorer
@@ -67,14 +67,16 @@ class _ClipFrames:
 
 
 def _convert(frame: Any, width: int, want_rgb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    height = max(2, round(frame.height * width / frame.width / 2) * 2)
-    bgr = frame.to_ndarray(width=width, height=height, format="bgr24", interpolation="AREA")
+    turns = display_turns(frame)  # scores, motion directions and CLIP see the frame as players show it
+    stored_width = width if turns % 2 == 0 else max(2, round(frame.width * width / frame.height / 2) * 2)
+    height = max(2, round(frame.height * stored_width / frame.width / 2) * 2)
+    bgr = upright(frame.to_ndarray(width=stored_width, height=height, format="bgr24", interpolation="AREA"), turns)
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     rgb = None
     if want_rgb:
         scale = CLIP_FRAME_SIDE / min(frame.width, frame.height)
         w, h = max(2, round(frame.width * scale)), max(2, round(frame.height * scale))
-        rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+        rgb = upright(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA"), turns)
     return bgr, grey, rgb
 
 

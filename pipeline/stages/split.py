@@ -111,11 +111,13 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         width = height = None
         count = 0
         stopped = None  # why decoding ended early, when the decodable part is kept
+        turns = 0
         try:
             for frame in iter_analysis_frames(container, cfg.analysis_width, cfg.decode_threads, detector.exact_size):
                 detector.feed(frame.index, frame.bgr)
                 times.append(frame.time_s)
                 count += 1
+                turns = frame.turns
             width, height = stream.codec_context.width, stream.codec_context.height
         except (av.error.FFmpegError, OSError) as exc:
             cut = cut_off_note(uri, container, stream)
@@ -130,6 +132,8 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         if count == 0:
             raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
         scenes = detector.finish(count)
+    if turns % 2:  # as displayed
+        width, height = height, width
     frame_step = (times[-1] - times[0]) / (count - 1) if count > 1 else 1.0 / fps
     end_time = times[-1] + (frame_step if frame_step > 0 else 1.0 / fps)
     return {

@@ -129,6 +129,18 @@ def _container_magic(uri: str) -> str | None:
     return None
 
 
+def display_turns(frame: Any) -> int:
+    """Quarter turns clockwise (0-3) that show a decoded frame as players do: its display matrix (phone footage
+    stored landscape with a -90 degree matrix is shown portrait). FFmpeg's own autorotate does the same."""
+    rotation = getattr(frame, "rotation", 0) or 0
+    return int(round(-rotation / 90)) % 4
+
+
+def upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """`image` (H, W[, C]) turned `turns` quarter turns clockwise."""
+    return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns % 4 else image
+
+
 def sha256_of(uri: str) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -220,6 +232,10 @@ def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
             raise VideoRejected(RejectReason.TOO_FEW_FRAMES, "no frame decodes")
         info["width"] = info["width"] or first.width
         info["height"] = info["height"] or first.height
+        turns = display_turns(first)
+        info["rotation"] = 90 * turns  # degrees clockwise every frame is turned to stand as players show it
+        if turns % 2:  # width/height as displayed
+            info["width"], info["height"] = info["height"], info["width"]
         tb = stream.time_base
         start_s = float(first.pts * tb) if first.pts is not None and tb else 0.0
         info["start_s"] = start_s
@@ -244,7 +260,8 @@ def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
 class AnalysisFrame:
     index: int  # decode order, from 0
     time_s: float  # presentation time in seconds
-    bgr: np.ndarray  # small BGR image for detectors
+    bgr: np.ndarray  # small BGR image for detectors (as stored: cuts do not depend on the display rotation)
+    turns: int = 0  # display_turns of the frame
 
 
 def _small_bgr_from_yuv420(frame: Any, step: int) -> np.ndarray:
@@ -302,7 +319,7 @@ def iter_analysis_frames(
                     format="bgr24",
                     interpolation="FAST_BILINEAR",
                 )
-        yield AnalysisFrame(index, time_s, image)
+        yield AnalysisFrame(index, time_s, image, display_turns(frame))
         if index % 32 == 31:
             heartbeat()
 

@@ -41,13 +41,15 @@ def _publish(tmp_path: str, final_uri: str) -> None:
 
 
 class _ClipWriter:
-    def __init__(self, path: str, cfg: TranscodeConfig, rate: Fraction, width: int, height: int):
+    def __init__(self, path: str, cfg: TranscodeConfig, rate: Fraction, width: int, height: int, rotation: int = 0):
         self.path = path
         self.container = av.open(path, mode="w", format="mp4")  # the temporary name has no .mp4 to go by
         self.stream = self.container.add_stream(cfg.codec, rate=rate)
         self.stream.width = width - width % 2
         self.stream.height = height - height % 2
         self.stream.pix_fmt = "yuv420p"
+        if rotation:  # the clip keeps its source's display matrix, so it stands as the source does
+            self.stream.set_display_rotation(rotation)
         if cfg.codec == "libx264":
             self.stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
 
@@ -91,7 +93,9 @@ def transcode_clips(uri: str, clips: list[dict[str, Any]], clips_dir: str, cfg: 
                     while pos < len(ordered) and ordered[pos]["start_frame"] == index:
                         clip = ordered[pos]
                         tmp = os.path.join(tmpdir, f".{clip['clip_id']}.mp4.partial")
-                        active[clip["clip_id"]] = _ClipWriter(tmp, cfg, rate, frame.width, frame.height)
+                        active[clip["clip_id"]] = _ClipWriter(
+                            tmp, cfg, rate, frame.width, frame.height, round(getattr(frame, "rotation", 0) or 0)
+                        )
                         pos += 1
                     for writer in active.values():
                         writer.write(frame)

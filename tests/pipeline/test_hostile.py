@@ -98,3 +98,39 @@ def test_files_the_extension_filter_leaves_out_are_counted(tmp_path):
         "no file extension": 1,
         "a directory named like a video": 1,
     }
+
+
+def test_rotation_is_applied_wherever_frames_are_used(videos_dir):
+    """issue-134-rotate.mp4 is stored 1280x544 with a -90 degree display matrix: players show it 544x1280."""
+    from captioner.frames import read_clip_frames
+    from pipeline.config import EncodeConfig
+    from pipeline.stages.encode import prepare_clip
+    from pipeline.stages.filter import _convert
+    from pipeline.video.decode import open_video
+
+    path = str(videos_dir / "issue-134-rotate.mp4")
+    info = probe_video(path)
+    assert (info["width"], info["height"], info["rotation"]) == (544, 1280, 90)
+    frames, _ = read_clip_frames(path, 0.0, 1.0, 2)  # what the captioner sees
+    assert all(f.shape[0] > f.shape[1] for f in frames)
+    with open_video(path) as container:
+        bgr, grey, rgb = _convert(next(container.decode(video=0)), 64, True)  # what the filter scores
+    assert bgr.shape[:2] == grey.shape[:2] and bgr.shape[1] == 64 and bgr.shape[0] > 64 and rgb.shape[0] > rgb.shape[1]
+    row = {"uri": path, "start_frame": 0, "end_frame": 9, "start_s": 0.0, "fps": info["fps"]}
+    prepped = prepare_clip(row, EncodeConfig(num_frames=9).model_dump(), 1, 8)  # what the VAE encodes
+    _t, height, width, _c = prepped["frames_shape"]
+    assert height > width
+    # and the stored frame itself is the other way round (what the matrix fixes)
+    with open_video(path) as container:
+        stored = next(container.decode(video=0))
+    assert (stored.width, stored.height) == (1280, 544)
+
+
+def test_a_transcoded_clip_keeps_its_display_rotation(videos_dir, tmp_path):
+    from pipeline.config import TranscodeConfig
+    from pipeline.video.transcode import transcode_clips
+
+    clip = {"clip_id": "c", "start_frame": 0, "end_frame": 5}
+    written = transcode_clips(str(videos_dir / "issue-134-rotate.mp4"), [clip], str(tmp_path), TranscodeConfig())
+    info = probe_video(written["c"])
+    assert (info["width"], info["height"], info["rotation"]) == (544, 1280, 90)
