@@ -117,6 +117,13 @@ class SplitConfig(_Section):
     max_missing_frames_frac: float = Field(
         0.02, ge=0, le=1, description="decoding fewer frames than the container lists, by more than this: truncated"
     )
+    max_damaged_frac: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="a video whose decoder concealed errors in more than this share of frames is rejected "
+        "decode_damaged; below it, clips touching a damaged span are rejected decode_damaged",
+    )
     keep_decodable: bool = Field(
         True,
         description="a video cut off part-way keeps clips from the frames that decoded before the cut (noted in "

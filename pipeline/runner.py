@@ -275,10 +275,12 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
             "reason": bad.column("reject_reason"),
             "detail": pa.array(
                 [
-                    f"scene shorter than split.min_clip_s={config.split.min_clip_s} "
+                    "frames in it were damaged: the decoder concealed errors (see videos.reject_detail)"
+                    if reason == "decode_damaged"
+                    else f"scene shorter than split.min_clip_s={config.split.min_clip_s} "
                     f"or split.min_clip_frames={config.split.min_clip_frames}"
-                ]
-                * bad.num_rows,
+                    for reason in bad.column("reject_reason").to_pylist()
+                ],
                 pa.string(),
             ),
         },
@@ -295,7 +297,8 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
             "videos": split_results.num_rows,
             "frames": sum(n or 0 for n in split_results.column("num_frames").to_pylist()),
             "clips": clips.num_rows,  # every clip row, as the funnel counts them
-            "too_short": clips.num_rows - passed,
+            "too_short": pc.sum(pc.equal(clips.column("reject_reason"), "too_short")).as_py() or 0,
+            "damaged": pc.sum(pc.equal(clips.column("reject_reason"), "decode_damaged")).as_py() or 0,
             "rejected_videos": video_rejects.num_rows,
         },
         rejects_by_reason=_count_by(rejects.column("reason").to_pylist()),

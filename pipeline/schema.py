@@ -22,6 +22,7 @@ class RejectReason(enum.StrEnum):
     TOO_FEW_FRAMES = "too_few_frames"
     TRUNCATED = "truncated"  # a container that ends early: header found, data missing
     DECODE_ERROR = "decode_error"  # the decoder failed before or during the stream
+    DECODE_DAMAGED = "decode_damaged"  # frames the decoder concealed errors in (and those predicted from them)
     DECODE_TIMEOUT = "decode_timeout"  # the decoder stopped making progress (watchdog)
     DECODER_CRASH = "decoder_crash"  # the decoding process died (segfault, abort, OOM kill)
     DUPLICATE_FILE = "duplicate_file"  # same bytes as another input file

@@ -112,12 +112,20 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         count = 0
         stopped = None  # why decoding ended early, when the decodable part is kept
         turns = 0
+        damaged: list[list[int | None]] = []  # [start, end) frame spans hit by decoder errors
         try:
             for frame in iter_analysis_frames(container, cfg.analysis_width, cfg.decode_threads, detector.exact_size):
                 detector.feed(frame.index, frame.bgr)
                 times.append(frame.time_s)
                 count += 1
                 turns = frame.turns
+                # Damage runs from a frame the decoder concealed errors in to the next clean keyframe: the frames
+                # between are predicted from damaged pictures and look as broken, unflagged.
+                if frame.corrupt:
+                    if not damaged or damaged[-1][1] is not None:
+                        damaged.append([frame.index, None])
+                elif frame.key and damaged and damaged[-1][1] is None:
+                    damaged[-1][1] = frame.index
             width, height = stream.codec_context.width, stream.codec_context.height
         except (av.error.FFmpegError, OSError) as exc:
             cut = cut_off_note(uri, container, stream)
@@ -146,6 +154,7 @@ def detect_scenes(uri: str, cfg: SplitConfig) -> dict[str, Any]:
         "end_time_s": end_time,
         "detector": detector.name,
         "stopped": stopped,
+        "damaged": [(start, count if end is None else end) for start, end in damaged],
     }
 
 
@@ -167,9 +176,23 @@ def split_video(
             if not (cfg.keep_decodable and found["num_frames"] >= cfg.min_clip_frames):
                 raise VideoRejected(RejectReason.TRUNCATED, detail)
             note = f"truncated: {detail}; clips cover the decodable part"
+    damaged = found["damaged"]
+    damaged_frames = sum(end - start for start, end in damaged)
+    if damaged and damaged_frames > cfg.max_damaged_frac * found["num_frames"]:
+        raise VideoRejected(
+            RejectReason.DECODE_DAMAGED,
+            f"{damaged_frames} of {found['num_frames']} frames are damaged (the decoder concealed errors in "
+            f"{len(damaged)} span(s)); more than split.max_damaged_frac={cfg.max_damaged_frac}",
+        )
     clips = plan_clips(
         video_id, found["scenes"], found["times"], found["end_time_s"], found["fps"], cfg, found["num_frames"]
     )
+    for clip in clips:  # a clip touching a damaged span never passes
+        if clip["passed"] and any(s < clip["end_frame"] and clip["start_frame"] < e for s, e in damaged):
+            clip.update(passed=False, reject_reason=RejectReason.DECODE_DAMAGED.value)
+    if damaged:
+        spans = ", ".join(f"{s}-{e}" for s, e in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        note = "; ".join(x for x in (note, f"damaged frames (decoder errors concealed): {spans}") if x)
     for clip in clips:
         clip.update(fps=found["fps"], width=found["width"], height=found["height"], detector=found["detector"])
     if cfg.transcode.enabled and clips_dir is not None:

@@ -262,6 +262,8 @@ class AnalysisFrame:
     time_s: float  # presentation time in seconds
     bgr: np.ndarray  # small BGR image for detectors (as stored: cuts do not depend on the display rotation)
     turns: int = 0  # display_turns of the frame
+    corrupt: bool = False  # the decoder concealed errors in it (AV_FRAME_FLAG_CORRUPT)
+    key: bool = False  # a keyframe: damage before it does not reach it
 
 
 def _small_bgr_from_yuv420(frame: Any, step: int) -> np.ndarray:
@@ -319,7 +321,7 @@ def iter_analysis_frames(
                     format="bgr24",
                     interpolation="FAST_BILINEAR",
                 )
-        yield AnalysisFrame(index, time_s, image, display_turns(frame))
+        yield AnalysisFrame(index, time_s, image, display_turns(frame), frame.is_corrupt, frame.key_frame)
         if index % 32 == 31:
             heartbeat()
 

@@ -134,3 +134,33 @@ def test_a_transcoded_clip_keeps_its_display_rotation(videos_dir, tmp_path):
     written = transcode_clips(str(videos_dir / "issue-134-rotate.mp4"), [clip], str(tmp_path), TranscodeConfig())
     info = probe_video(written["c"])
     assert (info["width"], info["height"], info["rotation"]) == (544, 1280, 90)
+
+
+def test_concealed_decoder_errors_keep_damaged_frames_out(videos_dir, tmp_path):
+    """1 byte in 10^4 flipped in a real H.264 file: FFmpeg conceals the errors and decodes on; no clip that
+    touches a damaged span passes, and too much damage rejects the whole video decode_damaged."""
+    import random
+
+    data = bytearray((videos_dir / "bottle-detection.mp4").read_bytes())
+    rng = random.Random(1)
+    for _ in range(len(data) // 10_000):
+        data[rng.randrange(100_000, len(data) - 200_000)] ^= 0xFF  # inside the media data; the index stays whole
+    damaged_path = tmp_path / "flipped.mp4"
+    damaged_path.write_bytes(bytes(data))
+    cfg = SplitConfig().model_dump()
+    intact = split_video(str(videos_dir / "bottle-detection.mp4"), "0123456789abcdef", cfg, None)
+    assert intact["note"] is None and not any(c["reject_reason"] == "decode_damaged" for c in intact["clips"])
+
+    with pytest.raises(VideoRejected) as caught:  # most of it is damaged (the issue's file: 499 of 670 frames)
+        split_video(str(damaged_path), "0123456789abcdef", cfg, None)
+    assert caught.value.reason.value == "decode_damaged" and "frames are damaged" in caught.value.detail
+
+    lenient = SplitConfig(max_damaged_frac=1.0).model_dump()  # keep the video: judge clip by clip
+    out = split_video(str(damaged_path), "0123456789abcdef", lenient, None)
+    assert out["note"] and "damaged frames" in out["note"]
+    spans = [tuple(int(x) for x in s.split("-")) for s in out["note"].split(": ", 1)[1].rstrip(" .").split(", ")]
+    damaged = [c for c in out["clips"] if c["reject_reason"] == "decode_damaged"]
+    assert damaged and all(not c["passed"] for c in damaged)
+    for clip in out["clips"]:
+        if clip["passed"]:
+            assert not any(s < clip["end_frame"] and clip["start_frame"] < e for s, e in spans)
