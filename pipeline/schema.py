@@ -109,7 +109,9 @@ VIDEOS_SCHEMA = pa.schema(
         ("start_s", pa.float64()),  # presentation time of the first frame (not always 0)
         ("has_audio", pa.bool_()),
         ("num_frames_exact", pa.bool_()),  # False: counted from packets, not decoded
-        ("rotation", pa.int32()),  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
+        ("rotation", pa.int32()),
+        ("video_stream", pa.int32()),  # container index of the video stream every stage reads (the first one)
+        ("video_streams", pa.int32()),  # how many video streams the file has  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
     ]
 )
 

@@ -188,6 +188,8 @@ def _probe_container(uri: str, min_frames: int) -> dict[str, Any]:
             "height": ctx.height,
             "pix_fmt": ctx.format.name if ctx.format is not None else None,
             "has_audio": bool(container.streams.audio),
+            "video_stream": stream.index,
+            "video_streams": len(container.streams.video),
         }
         rate = _rate(stream)
         info["fps"] = float(rate) if rate else None

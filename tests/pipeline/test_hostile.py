@@ -111,6 +111,7 @@ def test_rotation_is_applied_wherever_frames_are_used(videos_dir):
     path = str(videos_dir / "issue-134-rotate.mp4")
     info = probe_video(path)
     assert (info["width"], info["height"], info["rotation"]) == (544, 1280, 90)
+    assert (info["video_stream"], info["video_streams"]) == (0, 1)
     frames, _ = read_clip_frames(path, 0.0, 1.0, 2)  # what the captioner sees
     assert all(f.shape[0] > f.shape[1] for f in frames)
     with open_video(path) as container:
