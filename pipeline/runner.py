@@ -289,7 +289,6 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
     rejects = pa.concat_tables([video_rejects, clip_rejects])
     manifest.write_table(output, "rejects", rejects, prefix="split")
     _update_videos_after_split(output, videos, split_results)
-    passed = pc.sum(clips.column("passed")).as_py() or 0
     return StageResult(
         "split",
         time.monotonic() - start,

@@ -160,7 +160,31 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (NVIDIA datasheets), matched on the whole device name without "NVIDIA ": variants of one
+# chip differ (H100 SXM 989, NVL 835, PCIe 756), so a name matches exactly one pattern or none (MFU is then left out).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H100 (80GB HBM3|SXM5?( \d+GB)?)", 989.4),
+    (r"H100 NVL", 835.5),
+    (r"H100 PCIe", 756.5),
+    (r"H200( SXM)?( \d+GB)?( HBM3e)?", 989.4),
+    (r"H200 NVL", 835.5),
+    (r"A100[- ](SXM4|PCIE)[- ](40|80)GB", 312.0),
+    (r"L40S", 362.05),
+    (r"L40", 181.05),
+    (r"L4", 121.0),
+    (r"A10", 125.0),
+)
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its exact device name (e.g. 'NVIDIA H100 PCIe'), None when not listed."""
+    import re
+
+    bare = name.removeprefix("NVIDIA ").strip()
+    for pattern, value in PEAK_BF16_TFLOPS:
+        if re.fullmatch(pattern, bare, flags=re.IGNORECASE):
+            return value
+    return None
 
 
 def peak_tflops(device: torch.device, configured: float | None) -> float | None:
@@ -169,6 +193,7 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
         return configured
     if device.type != "cuda":
         return None
+    return peak_for_name(torch.cuda.get_device_name(device))
     name = torch.cuda.get_device_name(device)
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in name:

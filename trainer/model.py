@@ -317,11 +317,31 @@ class DiT(nn.Module):
         return out
 
     def flops_per_sample(self, num_tokens: int, context_len: int) -> float:
-        """Training FLOPs (forward + backward = 3x forward) for one sample: matmuls plus attention scores."""
-        params = sum(p.numel() for p in self.blocks.parameters()) + self.x_embedder.weight.numel()
-        d = self.args.hidden_size
-        attn = self.args.depth * (2 * num_tokens * num_tokens * d + 2 * num_tokens * (context_len + 1) * d)
-        return 3.0 * (2.0 * params * num_tokens + 2.0 * attn)
+        """Training FLOPs (forward + backward = 3x forward) of one sample with `num_tokens` video tokens and
+        `context_len` caption tokens, counted term by term: what runs per video token (qkv, projections, MLP,
+        attention scores), per caption token (its projection, cross-attention K/V) and once per sample (the
+        timestep and pooled embedders, every adaLN modulation). Matches torch's FlopCounterMode."""
+        a = self.args
+        d, n, depth = a.hidden_size, num_tokens, a.depth
+        ctx = context_len + 1  # the register token leads the caption context
+        mlp = int(d * a.mlp_ratio)
+        patch_dim = self.x_embedder.in_features
+        freq = self.t_embedder.frequency_embedding_size
+        per_block = (
+            2 * n * d * (3 * d + d + d + d + 2 * mlp)  # qkv, self-attn out, cross q, cross out, MLP
+            + 2 * ctx * d * 2 * d  # cross-attention K/V over the caption context
+            + 4 * n * n * d  # self-attention: scores and weighted sum
+            + 4 * n * ctx * d  # cross-attention: scores and weighted sum
+            + 2 * d * 6 * d  # adaLN modulation: once per sample
+        )
+        once = 2 * (freq * d + d * d) + 2 * d * d + 2 * d * 2 * d  # timestep MLP, pooled caption, final adaLN
+        forward = (
+            depth * per_block
+            + once
+            + 2 * n * patch_dim * d * 2  # patch embedding and the final linear layer
+            + 2 * context_len * a.text_dim * d  # caption projection
+        )
+        return 3.0 * forward
 
 
 # ---------------------------------------------------------------------------------------------

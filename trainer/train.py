@@ -255,21 +255,26 @@ class Trainer:
         cfg = self.cfg
         x0 = batch["latents"].to(self.info.device, non_blocking=True).float()
         text, mask = self.text(batch)
+        # Gradients are reduced once per optimizer step, on the last micro-batch: DDP through no_sync, FSDP2 by
+        # switching its reduce-scatter off (it would otherwise run after every micro-batch's backward).
         sync = contextlib.nullcontext()
-        if not last and hasattr(self.model, "no_sync"):
-            sync = self.model.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
+        elif not last and hasattr(self.model, "no_sync"):
+            sync = self.model.no_sync()
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with sync, autocast:
-            loss = flow_matching_loss(
-                self.forward,
-                x0,
-                text,
-                mask,
-                self.generator,
-                cfg.objective.t_mean,
-                cfg.objective.t_std,
-                cfg.objective.caption_dropout,
-            )
+        with sync:
+            with autocast:  # the forward only: PyTorch advises backward outside autocast
+                loss = flow_matching_loss(
+                    self.forward,
+                    x0,
+                    text,
+                    mask,
+                    self.generator,
+                    cfg.objective.t_mean,
+                    cfg.objective.t_std,
+                    cfg.objective.caption_dropout,
+                )
             (loss / cfg.optim.grad_accum).backward()
         return float(loss.detach())
 

@@ -94,3 +94,36 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
     assert sum(int(g.abs().sum() > 0) for g in grads[0]) > len(grads[0]) // 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "S"])
+def test_flop_count_matches_torchs_flop_counter(preset):
+    """flops_per_sample counts per-token, per-caption-token and per-sample work apart (MFU is not overstated)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(preset, in_channels=32, text_dim=48)
+    x, t = torch.randn(2, 32, 3, 8, 12), torch.rand(2)
+    text, mask = torch.randn(2, 7, 48), torch.ones(2, 7, dtype=torch.bool)
+    tokens = 3 * 4 * 6  # patch (1, 2, 2)
+    # The math kernel runs attention as matmuls the counter sees (it has no formula for the CPU flash kernel).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+        model(x, t, text, mask)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as training:
+        model(x, t, text, mask).float().pow(2).mean().backward()
+    counted = model.flops_per_sample(tokens, 7) * 2
+    assert forward.get_total_flops() == pytest.approx(counted / 3, rel=0.02)
+    assert training.get_total_flops() == pytest.approx(counted, rel=0.02)
+
+
+def test_gpu_peaks_match_whole_names():
+    from trainer.distributed import peak_for_name
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_for_name("NVIDIA H100 PCIe") == 756.5
+    assert peak_for_name("NVIDIA H100 NVL") == 835.5
+    assert peak_for_name("NVIDIA H200") == 989.4
+    assert peak_for_name("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_for_name("NVIDIA L40") == 181.05 and peak_for_name("NVIDIA L40S") == 362.05
+    assert peak_for_name("NVIDIA L4") == 121.0
+    assert peak_for_name("NVIDIA A10G") is None and peak_for_name("NVIDIA GeForce RTX 4090") is None
