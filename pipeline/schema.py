@@ -111,7 +111,10 @@ VIDEOS_SCHEMA = pa.schema(
         ("num_frames_exact", pa.bool_()),  # False: counted from packets, not decoded
         ("rotation", pa.int32()),
         ("video_stream", pa.int32()),  # container index of the video stream every stage reads (the first one)
-        ("video_streams", pa.int32()),  # how many video streams the file has  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
+        (
+            "video_streams",
+            pa.int32(),
+        ),  # how many video streams the file has  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
     ]
 )
 
