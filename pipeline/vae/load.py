@@ -35,12 +35,16 @@ class Posterior:
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
-    """Hash of the state dict as loaded (names, shapes, values as float32): the same weights in any file format
-    give the same id; weights loaded in another dtype (bf16 vs fp32 runs) give another, as their latents differ."""
+    """Identity of a VAE's weights, the same whatever dtype they were loaded in: names, shapes and every floating
+    value rounded to bfloat16 (so a bf16 load on CUDA and an fp32 load on CPU of one checkpoint agree, and decode
+    paths choose their own dtype), then hashed as float32 bytes. 0-d parameters (LTX's timestep scale) count too."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
-        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        t = tensor.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16).to(torch.float32)
+        t = t.contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
