@@ -168,6 +168,11 @@ class ClipModelConfig(_Section):
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
     model_config_path: str | None = Field(None, description="JSON model config to register (custom architectures)")
     aesthetic_head: str | None = Field(None, description="linear/MLP head file (.pt state dict or .npz)")
+    aesthetic_head_activation: Literal["auto", "relu", "none"] = Field(
+        "auto",
+        description="what sits between the head's linears; auto: known layouts only (one linear, LAION's linear "
+        "chain and its ReLU variant), anything else is refused until this says relu or none",
+    )
     safety: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(32, ge=1)

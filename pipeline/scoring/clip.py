@@ -2,19 +2,18 @@
 
 Gives each clip a unit-norm mean image embedding, an optional aesthetic score and zero-shot NSFW/watermark odds.
 
-Aesthetic head files map a frame's L2-normalised CLIP image embedding (dim d) to one score:
+Aesthetic head files map a frame's L2-normalised CLIP image embedding (dim d) to one score. They are loaded by
+their real architecture, never guessed:
 
-- a PyTorch state dict written with `torch.save` (read with `weights_only=True`, so no pickled code), either
-  - a single linear layer: `weight` (1, d) and optionally `bias` (1,), or
-  - sequential linear layers keyed `<prefix><index>.weight` / `<prefix><index>.bias`, e.g. the state dict of
-    `nn.Sequential` under an attribute `layers`: `layers.0.weight` (h, d), `layers.0.bias` (h,),
-    `layers.2.weight` (1, h), ... Layers run in index order with a ReLU between consecutive linears (none after
-    the last); gaps in the indices (where the activations or dropouts sat) are ignored. A Lightning-style
-    `{"state_dict": {...}}` wrapper is unwrapped.
-- an `.npz` file (read with `allow_pickle=False`) holding the same keys: `weight`/`bias`, or `layers.N.*`.
+- a single linear layer: `weight` (1, d) and optionally `bias` (1,);
+- LAION's "improved aesthetic predictor" (`sac+logos+ava1-l14-linearMSE.pth`): linears at `layers.{0,2,4,6,7}`
+  with Dropouts between and no activation (a linear chain);
+- its ReLU variant (`...-reluMSE.pth`): linears at `layers.{0,3,6,9,11}` with a ReLU after every one but the last;
+- any other chain of `<prefix>N.weight/bias` linears only when `activation` says what sits between them
+  (`relu` or `none`, config `filter.clip.aesthetic_head_activation`): its indices alone cannot tell.
 
-The last layer must have one output. A head trained without activations between its linears (the LAION
-"improved aesthetic predictor" MLP is one) is not this format: fold it into a single linear layer first.
+Files are PyTorch state dicts (`torch.load(weights_only=True)`; a Lightning-style `{"state_dict": ...}` is
+unwrapped) or `.npz` (`allow_pickle=False`) with the same keys. The last layer must have one output.
 """
 
 from __future__ import annotations
@@ -37,6 +36,21 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$
 
 HeadLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
+# Layer indices of the known multi-layer heads (nn.Sequential positions) -> what sits between the linears.
+KNOWN_HEAD_LAYOUTS = {(0, 2, 4, 6, 7): "none", (0, 3, 6, 9, 11): "relu"}
+
+
+class Head:
+    """An aesthetic head: its linears and whether a ReLU follows each but the last."""
+
+    def __init__(self, layers: HeadLayers, relu: bool):
+        self.layers = layers
+        self.relu = relu
+
+    @property
+    def in_features(self) -> int:
+        return int(self.layers[0][0].shape[1])
+
 
 def _import_open_clip() -> Any:
     try:
@@ -52,8 +66,9 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_head(path: str | Path) -> HeadLayers:
-    """Reads an aesthetic head file into (weight (out, in), bias (out,)) float32 pairs, checked for shape."""
+def load_head(path: str | Path, activation: str = "auto") -> Head:
+    """Reads an aesthetic head file into its linears ((out, in) weight, (out,) bias, float32, checked for shape)
+    and its activation: known layouts by their layer indices, others only with `activation` relu|none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"aesthetic head file not found: {path}")
@@ -70,6 +85,7 @@ def load_head(path: str | Path) -> HeadLayers:
 
     if "weight" in tensors:
         pairs = [(tensors.pop("weight"), tensors.pop("bias", None))]
+        indices = (0,)
         if tensors:
             raise ValueError(f"aesthetic head {path}: unexpected keys next to weight/bias: {sorted(tensors)}")
     else:
@@ -90,6 +106,7 @@ def load_head(path: str | Path) -> HeadLayers:
             if "weight" not in by_index[index]:
                 raise ValueError(f"aesthetic head {path}: layer {index} has a bias but no weight")
             pairs.append((by_index[index]["weight"], by_index[index].get("bias")))
+        indices = tuple(sorted(by_index))
 
     layers: HeadLayers = []
     for i, (weight, bias) in enumerate(pairs):
@@ -110,17 +127,35 @@ def load_head(path: str | Path) -> HeadLayers:
         layers.append((weight, bias))
     if layers[-1][0].shape[0] != 1:
         raise ValueError(f"aesthetic head {path}: last layer gives {layers[-1][0].shape[0]} outputs, expected 1")
-    return layers
+    known = KNOWN_HEAD_LAYOUTS.get(indices) if len(indices) > 1 else "none"
+    if activation != "auto":
+        return Head(layers, relu=activation == "relu")
+    if known is None:
+        raise ValueError(
+            f"aesthetic head {path}: linears at indices {list(indices)} are not a layout recap knows (LAION's "
+            f"linear chain {list((0, 2, 4, 6, 7))}, its ReLU variant {list((0, 3, 6, 9, 11))}, one linear), and "
+            "the indices cannot tell whether activations sit between them: set "
+            "filter.clip.aesthetic_head_activation to relu or none"
+        )
+    return Head(layers, relu=known == "relu")
 
 
-def apply_head(layers: HeadLayers, embeddings: np.ndarray) -> np.ndarray:
-    """Head scores (n,) of embeddings (n, d): linears in order with ReLU between them."""
+def apply_head(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    """Head scores (n,) of embeddings (n, d): the linears in order, with a ReLU between them for ReLU heads."""
     x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    for i, (weight, bias) in enumerate(layers):
+    for i, (weight, bias) in enumerate(head.layers):
         x = F.linear(x, weight, bias)
-        if i < len(layers) - 1:
+        if head.relu and i < len(head.layers) - 1:
             x = F.relu(x)
     return x[:, 0].numpy()
+
+
+def openai_model_name(model: str, pretrained: str | None, available: list[str]) -> str:
+    """OpenAI's CLIP weights were trained with QuickGELU; open_clip builds plain GELU for `ViT-L-14` and only warns.
+    With `pretrained="openai"`, the `-quickgelu` twin of the model (when open_clip has one) is the right build."""
+    if pretrained == "openai" and not model.endswith("-quickgelu") and f"{model}-quickgelu" in available:
+        return f"{model}-quickgelu"
+    return model
 
 
 def _positive_probability(embeddings: np.ndarray, prompts: np.ndarray, logit_scale: float) -> np.ndarray:
@@ -150,6 +185,7 @@ class ClipScorer:
         batch_size: int = 32,
         safety_prompts: bool = True,
         model_config: str | None = None,
+        head_activation: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -158,7 +194,7 @@ class ClipScorer:
         self.batch_size = batch_size
         self.device = _resolve_device(device)
         # Read the head before the model so a bad head file fails without the expensive load.
-        self._head = load_head(aesthetic_head) if aesthetic_head else None
+        self._head = load_head(aesthetic_head, head_activation) if aesthetic_head else None
 
         if model_config is not None:
             config_path = Path(model_config)
@@ -172,6 +208,8 @@ class ClipScorer:
                     "(a config file's name without .json is its model name)"
                 )
 
+        model = openai_model_name(model, pretrained, open_clip.list_models())
+        self.model_name = model
         # fp32 weights everywhere; on CUDA, autocast gives the half-precision speed without fp16 weight drift.
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained, device=self.device, precision="fp32"
@@ -183,9 +221,9 @@ class ClipScorer:
             self._autocast_dtype = None
 
         self.embed_dim = self._embed_dim()
-        if self._head is not None and self._head[0][0].shape[1] != self.embed_dim:
+        if self._head is not None and self._head.in_features != self.embed_dim:
             raise ValueError(
-                f"aesthetic head {aesthetic_head} takes {self._head[0][0].shape[1]}-dim input "
+                f"aesthetic head {aesthetic_head} takes {self._head.in_features}-dim input "
                 f"but model {model} gives {self.embed_dim}-dim embeddings"
             )
 

@@ -266,6 +266,7 @@ def clip_scorer_from_config(cfg: RecapConfig) -> Any:
         batch_size=c.batch_size,
         safety_prompts=c.safety,
         model_config=model_config,
+        head_activation=c.aesthetic_head_activation,
     )
 
 

@@ -157,7 +157,9 @@ def test_aesthetic_linear_head_is_mean_of_frame_scores(scorer: ClipScorer, heads
 
 
 def test_aesthetic_mlp_head_applies_relu_per_frame_then_averages(tiny: dict, heads: dict) -> None:
-    mlp_scorer = make_scorer(tiny, aesthetic_head=heads["mlp_pt"], safety_prompts=False)
+    with pytest.raises(ValueError, match="aesthetic_head_activation to relu or none"):  # 0, 2: ReLU or Dropout?
+        make_scorer(tiny, aesthetic_head=heads["mlp_pt"], safety_prompts=False)
+    mlp_scorer = make_scorer(tiny, aesthetic_head=heads["mlp_pt"], safety_prompts=False, head_activation="relu")
     clip = frames(21, 3) + gradients(3)
     (result,) = mlp_scorer.score_clips([clip])
     embeddings = mlp_scorer.embed_images(clip)
@@ -170,6 +172,50 @@ def test_aesthetic_mlp_head_applies_relu_per_frame_then_averages(tiny: dict, hea
     no_relu = float(((torch.from_numpy(embeddings) @ w0.T + b0) @ w2.T + b2).mean())
     assert abs(no_relu - expected) > 1e-3
     assert "score_nsfw" not in result and "score_watermark" not in result
+
+
+def _laion_layout(path, relu: bool, seed: int) -> tuple[dict, list]:
+    """A head in the LAION aesthetic predictor's layout (768->1024->128->64->16->1 scaled down to the tiny width)."""
+    g = torch.Generator().manual_seed(seed)
+    widths = [EMBED_DIM, 24, 12, 8, 4, 1]
+    indices = (0, 3, 6, 9, 11) if relu else (0, 2, 4, 6, 7)
+    state, linears = {}, []
+    for i, (n_in, n_out) in zip(indices, zip(widths[:-1], widths[1:], strict=True), strict=True):
+        w, b = torch.randn(n_out, n_in, generator=g) * 0.5, torch.randn(n_out, generator=g) * 0.5
+        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = w, b
+        linears.append(torch.nn.Linear(n_in, n_out))
+        linears[-1].weight.data, linears[-1].bias.data = w, b
+    torch.save(state, path)
+    return state, linears
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_laion_head_layouts_score_as_their_real_forward_pass(tiny: dict, tmp_path, relu: bool) -> None:
+    """sac+logos+ava1-l14-linearMSE (Linear/Dropout chain, no activation) and its ReLU variant, run as the
+    original nn.Sequential runs them (eval: Dropout is the identity)."""
+    path = tmp_path / "head.pt"
+    _state, linears = _laion_layout(path, relu, seed=3)
+    modules: list[torch.nn.Module] = []
+    for i, linear in enumerate(linears):
+        modules.append(linear)
+        if i < len(linears) - 1:
+            modules += [torch.nn.ReLU(), torch.nn.Dropout(0.2)] if relu else [torch.nn.Dropout(0.2)]
+    reference = torch.nn.Sequential(*modules).eval()
+    laion = make_scorer(tiny, aesthetic_head=str(path), safety_prompts=False)
+    clip = frames(5, 3)
+    (result,) = laion.score_clips([clip])
+    with torch.no_grad():
+        expected = float(reference(torch.from_numpy(laion.embed_images(clip))).mean())
+    assert result["score_aesthetic"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_openai_weights_get_the_quickgelu_build() -> None:
+    from pipeline.scoring.clip import openai_model_name
+
+    available = open_clip.list_models()
+    assert openai_model_name("ViT-L-14", "openai", available) == "ViT-L-14-quickgelu"
+    assert openai_model_name("ViT-L-14", "laion2b_s32b_b82k", available) == "ViT-L-14"
+    assert openai_model_name("ViT-L-14-quickgelu", "openai", available) == "ViT-L-14-quickgelu"
 
 
 def test_npz_head_equals_state_dict_head(scorer: ClipScorer, tiny: dict, heads: dict) -> None:
