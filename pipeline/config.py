@@ -285,7 +285,7 @@ class EncodeConfig(_Section):
         description=(
             "a TAESD-format directory (*_encoder.pth, *_decoder.pth), a diffusers VAE (AutoencoderKL, "
             "AutoencoderKLWan, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLLTXVideo) by hub id "
-            "or local path, or recap-tiny:taesd|autoencoder_kl|wan"
+            "or local path, or recap-tiny:taesd|autoencoder_kl|wan|ltx"
         ),
     )
     vae_subfolder: str | None = Field(None, description="e.g. 'vae' for a whole diffusers pipeline repo")

@@ -210,6 +210,10 @@ class DiffusersVae(Vae):
         self.temporal_factor, self.spatial_factor = _diffusers_geometry(model)
         self.scaling_factor = float(cfg.get("scaling_factor") or 1.0)
         self.shift_factor = float(cfg.get("shift_factor") or 0.0)
+        # LTX-Video >= 0.9.1 decodes at a timestep with a little noise mixed in (diffusers' LTX pipeline does the
+        # same; 0.05 / 0.025 are the values LTX publishes for these VAEs). Deterministic: a fixed-seed noise.
+        self.timestep_conditioning = bool(cfg.get("timestep_conditioning"))
+        self.decode_timestep, self.decode_noise_scale = 0.05, 0.025
         mean, std = _latent_stats(model, self.latent_channels)
         shape = (1, -1, 1, 1, 1)
         self._mean = mean.view(shape)
@@ -233,7 +237,12 @@ class DiffusersVae(Vae):
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         mu = latents / self.scaling_factor * self._std.to(latents) + self._mean.to(latents) + self.shift_factor
-        if self.is_video:
+        if self.is_video and self.timestep_conditioning:
+            noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0)).to(mu)
+            mu = (1 - self.decode_noise_scale) * mu + self.decode_noise_scale * noise
+            temb = torch.full((mu.shape[0],), self.decode_timestep, device=mu.device, dtype=mu.dtype)
+            x = self.model.decode(mu, temb=temb).sample.transpose(1, 2)
+        elif self.is_video:
             x = self.model.decode(mu).sample.transpose(1, 2)  # (B, 3, T, H, W) -> (B, T, 3, H, W)
         else:
             b, _c, t = mu.shape[:3]
@@ -321,7 +330,7 @@ def resolve_vae_spec(spec: str, fallback: str | None = None, subfolder: str | No
             return resolve_vae_spec(fallback, None, subfolder)
         raise VaeError(
             f"encode.vae: {spec!r} does not exist (give a TAESD-format directory, a diffusers VAE directory or "
-            f"hub id, or {TINY_PREFIX}taesd|autoencoder_kl|wan)"
+            f"hub id, or {TINY_PREFIX}taesd|autoencoder_kl|wan|ltx)"
         )
     if path.is_dir():
         path = path.resolve()

@@ -2,7 +2,8 @@
 
 `recap-tiny:taesd` (TAESD format, 4 channels), `recap-tiny:autoencoder_kl` (diffusers image VAE, 8x, with a
 shift and scaling factor), `recap-tiny:wan` (diffusers AutoencoderKLWan, 8x spatial, 4x temporal, per-channel
-latent statistics). Built once into the tiny-model cache through the diffusers/torch savers and loaded back
+latent statistics), `recap-tiny:ltx` (diffusers AutoencoderKLLTXVideo of the >= 0.9.1 kind: a
+timestep-conditioned decoder). Built once into the tiny-model cache through the diffusers/torch savers and loaded back
 through the real loaders. Random weights: shapes and plumbing only, never pictures.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from captioner.tiny import ensure_tiny_model, register_family
 
-TINY_VAES = ("taesd", "autoencoder_kl", "wan")
+TINY_VAES = ("taesd", "autoencoder_kl", "wan", "ltx")
 
 
 def _seeded(build, seed: int):
@@ -69,7 +70,37 @@ def _write_wan(out: Path, seed: int) -> None:
     model.save_pretrained(out)
 
 
-for _name, _writer in (("taesd", _write_taesd), ("autoencoder_kl", _write_autoencoder_kl), ("wan", _write_wan)):
+def _write_ltx(out: Path, seed: int) -> None:
+    """An LTX-Video VAE of the >= 0.9.1 kind: timestep-conditioned decoder (a 0-d timestep_scale_multiplier)."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    model = _seeded(
+        lambda: AutoencoderKLLTXVideo(
+            latent_channels=8,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, False, False),
+            decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False, False, False, False, False),
+            upsample_residual=(False, False, False, False),
+            upsample_factor=(1, 1, 1, 1),
+            timestep_conditioning=True,
+            patch_size=1,
+            patch_size_t=1,
+        ),
+        seed,
+    )
+    model.save_pretrained(out)
+
+
+for _name, _writer in (
+    ("taesd", _write_taesd),
+    ("autoencoder_kl", _write_autoencoder_kl),
+    ("wan", _write_wan),
+    ("ltx", _write_ltx),
+):
     register_family(f"vae_{_name}", _writer)
 
 

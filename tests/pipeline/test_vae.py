@@ -119,3 +119,15 @@ def test_weights_hash_is_the_same_in_any_load_dtype(kl):
     scale = torch.nn.Module()
     scale.timestep_scale_multiplier = torch.nn.Parameter(torch.tensor(1000.0))  # LTX >= 0.9.1 has a 0-d one
     assert len(weights_sha256(scale)) == 64
+
+
+def test_timestep_conditioned_ltx_vae_encodes_and_decodes():
+    """LTX-Video >= 0.9.1: a 0-d decoder parameter (hashable now) and a decoder that needs a timestep."""
+    ltx = load_vae("recap-tiny:ltx")
+    assert ltx.timestep_conditioning and len(ltx.sha256) == 64
+    assert (ltx.temporal_factor, ltx.spatial_factor) == (4, 4)
+    latents = ltx.encode(_frames(9, 32, 32)).mean
+    assert tuple(latents.shape) == (8, 3, 8, 8)
+    frames = ltx.decode(latents)
+    assert tuple(frames.shape) == (9, 3, 32, 32) and torch.isfinite(frames).all()
+    torch.testing.assert_close(ltx.decode(latents), frames)  # the decode noise is seeded: same frames again
