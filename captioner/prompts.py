@@ -163,3 +163,21 @@ def render_user_text(prompt: CaptionPrompt, clip: dict[str, Any]) -> str:
     `str.format` would reject.
     """
     return _PLACEHOLDER.sub(lambda m: _format_value(m.group(1), clip.get(m.group(1))), prompt.user)
+
+
+def asked_words(text: str) -> int | None:
+    """The longest caption length (in words) a prompt asks for ("80 to 200 words", "at most 30 words"), if any."""
+    import re
+
+    found = [int(n) for n in re.findall(r"(\d+)\s*words", text)]
+    return max(found) if found else None
+
+
+def token_budget(prompt: CaptionPrompt, max_words: int) -> int:
+    """max_new_tokens that fits the longest caption a prompt asks for (else `max_words`): 1.6 tokens a word (English
+    in BPE vocabularies runs 1.3-1.5) plus 64 for punctuation and the end token."""
+    import math
+
+    words = asked_words(f"{prompt.system}\n{prompt.user}") or max_words
+    return math.ceil(min(words, max_words) * 1.6) + 64
+

@@ -265,7 +265,12 @@ class CaptionConfig(_Section):
     target_fps: float | None = Field(None, gt=0, description="instead of num_frames: sample at this rate")
     max_frames: int = Field(32, ge=1)
     max_side: int = Field(448, ge=28, description="frames are resized so their longer side is at most this")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="null: sized from the prompt (the longest length it asks for, else qc.max_words, at 1.6 tokens "
+        "a word plus 64); a retry gets twice the budget, so a caption cut off the first time can finish",
+    )
     temperature: float = Field(0.0, ge=0, description="0: greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.05, gt=0)

@@ -905,7 +905,7 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
                 }
             )
         elif cap["caption_failed"]:
-            failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f == "no_frames"]
+            failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f in ("no_frames", "model_error")]
             reason = RejectReason(f"caption_{failing[0]}").value
             row.update(passed=False, reject_reason=reason)
             reject_rows.append(

@@ -52,6 +52,7 @@ class RejectReason(enum.StrEnum):
     CAPTION_TOO_LONG = "caption_too_long"
     CAPTION_TRUNCATED = "caption_truncated"
     CAPTION_NO_FRAMES = "caption_no_frames"  # the clip's frames could not be decoded for captioning
+    CAPTION_MODEL_ERROR = "caption_model_error"  # the model raised on this clip (e.g. too few frames for it)
     CAPTION_MISMATCH = "caption_mismatch"  # score_caption_match below caption.min_caption_match
     ENCODE_ERROR = "encode_error"  # frames could not be prepared or encoded
 

@@ -56,7 +56,7 @@ class CaptionPrepStage(IsolatedStage):
     output_schema = PREP_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from captioner.prompts import load_prompt
+        from captioner.prompts import load_prompt, token_budget
 
         super().__init__(config)
         self._cfg = self.config.caption.model_dump(mode="json")
@@ -115,6 +115,7 @@ class CaptionModelStage:
             max_words=self.cfg.qc.max_words,
             max_repeat_ngram_frac=self.cfg.qc.max_repeat_frac,
         )
+        self.max_new_tokens = self.cfg.max_new_tokens or token_budget(self.prompt, self.cfg.qc.max_words)
         self.backend = build_backend(self.cfg)
 
     def _sampling(self, retry: bool) -> Any:
@@ -123,12 +124,26 @@ class CaptionModelStage:
         c = self.cfg
         temperature = c.qc.retry_temperature if retry else c.temperature
         return Sampling(
-            max_new_tokens=c.max_new_tokens,
+            max_new_tokens=self.max_new_tokens * (2 if retry else 1),  # a retry may finish a cut-off caption
             temperature=temperature,
             top_p=c.top_p,
             repetition_penalty=c.repetition_penalty,
             seed=1 if retry else 0,
         )
+
+    def _caption(self, requests: list[Any], sampling: Any) -> list[str | Exception]:
+        """Captions of `requests`, or per request the error the model raised on it: a batch that fails is split in
+        halves until the clip the model cannot take is alone, so one such clip never fails the others (or the
+        stage). Out-of-memory is not the clip's fault and is raised."""
+        try:
+            return list(self.backend.caption(requests, sampling))
+        except Exception as exc:  # noqa: BLE001 - any model error on a clip becomes its reject
+            if _is_oom(exc):
+                raise
+            if len(requests) == 1:
+                return [exc]
+            half = len(requests) // 2
+            return self._caption(requests[:half], sampling) + self._caption(requests[half:], sampling)
 
     def _judge(self, raw: str) -> tuple[Any, bool]:
         from captioner.quality import check_caption
@@ -177,14 +192,30 @@ class CaptionModelStage:
             )
             owners.append(base)
         if requests:
-            raws = self.backend.caption(requests, self._sampling(retry=False))
+            answers = self._caption(requests, self._sampling(retry=False))
+            errors = {i: a for i, a in enumerate(answers) if isinstance(a, Exception)}
+            for i in sorted(errors, reverse=True):  # the model cannot take these clips: rejected, never retried
+                exc = errors[i]
+                out.append(
+                    {
+                        **owners.pop(i),
+                        "caption": None,
+                        "caption_raw": f"{type(exc).__name__}: {exc}"[:500],
+                        "caption_failed": True,
+                        "caption_flags": ["model_error"],
+                        "caption_attempts": 1,
+                    }
+                )
+                del requests[i], answers[i]
+            raws = list(answers)
             results = [self._judge(raw) for raw in raws]
             retry_idx = [i for i, (_r, failed) in enumerate(results) if failed] if self.cfg.qc.retry else []
             attempts = [1] * len(requests)
             if retry_idx:
-                again = self.backend.caption([requests[i] for i in retry_idx], self._sampling(retry=True))
+                again = self._caption([requests[i] for i in retry_idx], self._sampling(retry=True))
                 for i, raw in zip(retry_idx, again, strict=True):
-                    raws[i], results[i], attempts[i] = raw, self._judge(raw), 2
+                    if not isinstance(raw, Exception):  # a retry the model raised on keeps the first answer
+                        raws[i], results[i], attempts[i] = raw, self._judge(raw), 2
             for base, raw, (result, failed), n in zip(owners, raws, results, attempts, strict=True):
                 out.append(
                     {
@@ -197,6 +228,12 @@ class CaptionModelStage:
                     }
                 )
         return table_of(out, CAPTIONS_SCHEMA)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 MATCH_SCHEMA = pa.schema([("clip_id", pa.string()), ("score_caption_match", pa.float64())])

@@ -162,3 +162,13 @@ def test_render_leaves_other_braces_alone():
     assert render_user_text(prompt, {"fps": 25.0}) == (
         'Answer as {"caption": "..."}; ignore {other}, {0} and { and }} but use 25.'
     )
+
+
+def test_the_token_budget_fits_the_longest_caption_the_prompt_asks_for():
+    from captioner.prompts import load_prompt, token_budget
+    from pipeline.config import CaptionConfig
+
+    assert token_budget(load_prompt("dense-v1"), max_words=300) == 384  # "80 to 200 words": 200 * 1.6 + 64
+    assert token_budget(load_prompt("short-v1"), max_words=300) == 112  # "at most 30 words"
+    assert token_budget(load_prompt("dense-v1"), max_words=100) == 224  # never past what QC would accept
+    assert CaptionConfig().max_new_tokens is None  # the default follows the prompt, not a fixed 256

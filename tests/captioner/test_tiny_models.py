@@ -230,3 +230,30 @@ def test_a_failed_build_leaves_nothing(work_dir, monkeypatch):
     assert list(cache.iterdir()) == []
     with pytest.raises(ValueError, match="unknown tiny model family"):
         tiny.ensure_tiny_model(cache, family="nope")
+
+
+def test_a_clip_the_model_cannot_take_is_rejected_alone(qwen3_dir, frames):
+    """Qwen3-VL raises on a 1-frame clip (t:1 must be larger than temporal_factor:2): that clip becomes a
+    caption_model_error reject, its batch-mates get captions and the stage goes on."""
+    import cv2
+    import pyarrow as pa
+
+    from pipeline.config import RecapConfig
+    from pipeline.stages.caption import CaptionModelStage
+
+    def jpegs(n):
+        return [cv2.imencode(".jpg", np.ascontiguousarray(f[:, :, ::-1]))[1].tobytes() for f in frames[:n]]
+
+    config = RecapConfig.model_validate(
+        {"caption": {"model": str(qwen3_dir), "device": "cpu", "max_new_tokens": 8, "qc": {"retry": False}}}
+    )
+    stage = CaptionModelStage(config)
+    rows = [
+        {"clip_id": cid, "frames_jpeg": jpegs(n), "sample_fps": 4.0, "user_text": None}
+        for cid, n in (("a", 4), ("one-frame", 1), ("b", 4))
+    ]
+    out = {r["clip_id"]: r for r in stage(pa.Table.from_pylist(rows)).to_pylist()}
+    assert out["one-frame"]["caption_flags"] == ["model_error"] and out["one-frame"]["caption_failed"]
+    assert "temporal" in out["one-frame"]["caption_raw"]
+    for cid in ("a", "b"):
+        assert out[cid]["caption_raw"] and "model_error" not in out[cid]["caption_flags"]
