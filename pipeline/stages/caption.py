@@ -56,7 +56,7 @@ class CaptionPrepStage(IsolatedStage):
     output_schema = PREP_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from captioner.prompts import load_prompt, token_budget
+        from captioner.prompts import load_prompt
 
         super().__init__(config)
         self._cfg = self.config.caption.model_dump(mode="json")
@@ -103,7 +103,7 @@ class CaptionModelStage:
     output_schema = CAPTIONS_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from captioner.prompts import load_prompt
+        from captioner.prompts import load_prompt, token_budget
         from captioner.quality import QCConfig
 
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
