@@ -180,4 +180,3 @@ def token_budget(prompt: CaptionPrompt, max_words: int) -> int:
 
     words = asked_words(f"{prompt.system}\n{prompt.user}") or max_words
     return math.ceil(min(words, max_words) * 1.6) + 64
-

@@ -260,6 +260,14 @@ class CaptionConfig(_Section):
     trust_remote_code: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device_map: str | None = Field(
+        None,
+        description="transformers backend: 'auto' places the weights across the actor's GPUs as they load (a model "
+        "larger than one GPU; give the actor several with resources.num_gpus); null: load, then move to device",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None, description="transformers backend: the attention kernel (null: the model's default)"
+    )
     prompt: str = Field("dense-v1", description="a built-in prompt name or a YAML/JSON prompt file")
     num_frames: int | None = Field(8, ge=1, description="frames sampled evenly from each clip")
     target_fps: float | None = Field(None, gt=0, description="instead of num_frames: sample at this rate")

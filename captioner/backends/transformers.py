@@ -44,6 +44,8 @@ class TransformersBackend:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         batch_size: int = 8,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
@@ -55,9 +57,16 @@ class TransformersBackend:
         self.batch_size = batch_size
         # trust_remote_code only when the user opted in: it runs code from the model repository.
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=self.dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation  # e.g. flash_attention_2, sdpa
+        if device_map:
+            # Weights go straight to their devices (accelerate): a model larger than one GPU is split across the
+            # actor's GPUs; inputs go to the device of the first layers.
+            self.model = AutoModelForImageTextToText.from_pretrained(path, device_map=device_map, **kwargs)
+            self.device = str(self.model.device)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(self.device)
         self.model.eval()
 
     def _inputs(self, requests: list[CaptionRequest]) -> Any:

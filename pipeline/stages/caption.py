@@ -92,6 +92,8 @@ def build_backend(cfg: CaptionConfig) -> Any:
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
         batch_size=cfg.batch_size,
+        device_map=cfg.device_map,
+        attn_implementation=cfg.attn_implementation,
     )
 
 

@@ -257,3 +257,13 @@ def test_a_clip_the_model_cannot_take_is_rejected_alone(qwen3_dir, frames):
     assert "temporal" in out["one-frame"]["caption_raw"]
     for cid in ("a", "b"):
         assert out[cid]["caption_raw"] and "model_error" not in out[cid]["caption_flags"]
+
+
+def test_device_map_and_attention_kernel_reach_the_loader(qwen2_5_dir, frames):
+    from captioner.backends.base import CaptionRequest, Sampling
+    from captioner.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(str(qwen2_5_dir), device="cpu", device_map="cpu", attn_implementation="eager")
+    assert backend.model.config._attn_implementation == "eager" and backend.device == "cpu"
+    [text] = backend.caption([CaptionRequest("c", list(frames[:4]), 4.0, None)], Sampling(max_new_tokens=4))
+    assert isinstance(text, str)
