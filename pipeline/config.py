@@ -328,6 +328,10 @@ class EncodeConfig(_Section):
     )
     target_fps: float | None = Field(None, gt=0, description="sample frames at about this rate; null: every frame")
     frames_per_batch: int = Field(16, ge=1, description="frames per forward pass of an image VAE")
+    vae_tiling: bool | None = Field(
+        None, description="a diffusers VAE's tiled encode (less memory on large frames); null: on from 1280x720 up"
+    )
+    vae_slicing: bool = Field(False, description="a diffusers VAE's sliced encode: one clip of a batch at a time")
     text_encoder: str | None = Field(
         None, description="transformers text encoder (T5, CLIP text, ...) for KEY.text_emb.npy; null: none"
     )

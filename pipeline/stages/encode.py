@@ -98,6 +98,10 @@ def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor:
     }
 
 
+class OutOfMemory(Exception):
+    """One clip does not fit in the encoder's memory even alone."""
+
+
 class EncodePrepStage(IsolatedStage):
     name = "encode-prep"
     input_columns = ("clip_id", "uri", "start_frame", "end_frame", "start_s", "fps")
@@ -181,6 +185,27 @@ class EncodeModelStage:
             return latents, [latent_to_storage(v, self.cfg.latent_dtype) for v in posterior.logvar]
         return latents, [None] * len(latents)
 
+    def encode_oom_safe(self, frames: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """encode_clips, and on out-of-memory: free the cache and encode each half apart, down to one clip; a clip
+        that does not fit alone raises OutOfMemory (its group's clips are rejected, the stage goes on)."""
+        import torch
+
+        try:
+            return self.encode_clips(frames)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(frames) == 1:
+                raise OutOfMemory(
+                    f"out of memory encoding one {tuple(frames.shape[1:4])} clip even alone: set encode.vae_tiling: "
+                    f"true (now {self.vae.tiling}), or lower encode.target_area / encode.num_frames"
+                ) from None
+            half = len(frames) // 2
+            first, second = self.encode_oom_safe(frames[:half]), self.encode_oom_safe(frames[half:])
+            return first[0] + second[0], first[1] + second[1]
+
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         """One clip (T, H, W, 3) uint8 -> its stored latent (C, T', h, w)."""
         return self.encode_clips(frames[None])[0][0]
@@ -207,7 +232,11 @@ class EncodeModelStage:
             # torch wants writable memory: copy out of the Arrow buffers.
             frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(shape) for r in group])
             try:
-                latents, logvars = self.encode_clips(frames)
+                latents, logvars = self.encode_oom_safe(frames)
+            except OutOfMemory as exc:  # one clip alone does not fit: its error says what to change
+                for r in group:
+                    out[r["clip_id"]]["error"] = str(exc)
+                continue
             except (RuntimeError, ValueError) as exc:  # e.g. a shape this VAE refuses: reject the clips, go on
                 for r in group:
                     out[r["clip_id"]]["error"] = f"{type(exc).__name__}: {exc}"

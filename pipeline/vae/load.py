@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 TINY_PREFIX = "recap-tiny:"
+TILING_AREA = 1280 * 720  # encode.vae_tiling null: tiled from 720p up, where diffusers' video pipelines tile
 # Diffusers autoencoders recap knows how to normalise and lay out; others are refused by name.
 IMAGE_CLASSES = ("AutoencoderKL",)
 VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo")
@@ -73,6 +74,8 @@ class Vae:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     has_posterior: bool = False  # KL VAEs: a log-variance can be stored beside the mean
+    tiling: bool = False  # a diffusers VAE's tiled encode/decode is on
+    slicing: bool = False
 
     def __init__(self, device: str, dtype: torch.dtype, frames_per_batch: int = 16):
         self.device = device
@@ -347,15 +350,25 @@ def load_vae(
     subfolder: str | None = None,
     dtype: str = "auto",
     frames_per_batch: int = 16,
+    tiling: bool = False,
+    slicing: bool = False,
 ) -> Vae:
-    """Load the VAE named by `spec` on `device` (see module docstring for the accepted forms)."""
+    """Load the VAE named by `spec` on `device` (see module docstring for the accepted forms). `tiling`/`slicing`
+    switch on a diffusers VAE's own memory savers (tiled convolutions over large frames; one clip at a time)."""
     device = pick_device(device)
     resolved, subfolder = resolve_vae_spec(spec, fallback, subfolder)
     torch_dtype = pick_dtype(dtype, device)
     path = Path(resolved)
     if _is_taesd_dir(path):
         return TaesdVae(path, device, torch_dtype, frames_per_batch)
-    return DiffusersVae(resolved, subfolder, device, torch_dtype, frames_per_batch)
+    if dtype == "auto" and diffusers_config(resolved, subfolder).get("_class_name") == "AutoencoderKLWan":
+        torch_dtype = torch.float32  # as diffusers' Wan pipelines keep it: its causal convs drift in bf16
+    vae = DiffusersVae(resolved, subfolder, device, torch_dtype, frames_per_batch)
+    for wanted, method in ((tiling, "enable_tiling"), (slicing, "enable_slicing")):
+        if wanted and hasattr(vae.model, method):
+            getattr(vae.model, method)()
+    vae.tiling, vae.slicing = tiling and hasattr(vae.model, "enable_tiling"), slicing
+    return vae
 
 
 def vae_from_config(cfg: Any, device: str | None = None) -> Vae:
@@ -367,6 +380,8 @@ def vae_from_config(cfg: Any, device: str | None = None) -> Vae:
         subfolder=cfg.vae_subfolder,
         dtype=cfg.dtype,
         frames_per_batch=cfg.frames_per_batch,
+        tiling=cfg.target_area >= TILING_AREA if cfg.vae_tiling is None else cfg.vae_tiling,
+        slicing=cfg.vae_slicing,
     )
 
 

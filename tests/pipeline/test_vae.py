@@ -131,3 +131,38 @@ def test_timestep_conditioned_ltx_vae_encodes_and_decodes():
     frames = ltx.decode(latents)
     assert tuple(frames.shape) == (9, 3, 32, 32) and torch.isfinite(frames).all()
     torch.testing.assert_close(ltx.decode(latents), frames)  # the decode noise is seeded: same frames again
+
+
+def test_memory_options_reach_the_vae_and_wan_stays_fp32():
+    wan = load_vae("recap-tiny:wan", tiling=True, slicing=True)
+    assert wan.tiling and wan.model.use_tiling and wan.dtype == torch.float32
+    assert load_vae("recap-tiny:wan", dtype="bfloat16").dtype == torch.bfloat16  # asked for: given
+
+
+def test_encode_out_of_memory_is_retried_in_halves_then_rejected_alone():
+    """A batch that runs out of memory is encoded in halves; one clip that does not fit alone is rejected with
+    what to change. Memory is faked by a limit on clips per encode call (no GPU here); the VAE itself is real."""
+    import numpy as np
+
+    from pipeline.config import RecapConfig
+    from pipeline.stages.encode import EncodeModelStage, OutOfMemory
+
+    stage = EncodeModelStage(RecapConfig.model_validate({"encode": {"vae": "recap-tiny:taesd", "device": "cpu"}}))
+    real = stage.vae.encode
+    limit = {"clips": 2}
+
+    def encode_within_memory(x):
+        if x.shape[0] > limit["clips"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    stage.vae.encode = encode_within_memory
+    frames = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 48, 3), dtype=np.uint8)
+    latents, _ = stage.encode_oom_safe(frames)
+    stage.vae.encode = real
+    expected, _ = stage.encode_clips(frames)
+    assert len(latents) == 5 and all(np.array_equal(a, b) for a, b in zip(latents, expected, strict=True))
+    limit["clips"] = 0
+    stage.vae.encode = encode_within_memory
+    with pytest.raises(OutOfMemory, match="even alone: set encode.vae_tiling"):
+        stage.encode_oom_safe(frames[:2])
