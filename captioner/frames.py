@@ -21,13 +21,41 @@ def _upright_rgb(frame: Any) -> np.ndarray:
     return upright(frame.to_ndarray(format="rgb24"), display_turns(frame))
 
 
+# Model families whose video encoding has a native frame rate: Qwen's own tooling samples 2 fps, and their
+# temporal positions collapse when frames come faster (ids step by temporal_patch_size / fps, truncated), with
+# frames grouped in pairs (at least 2).
+FAMILY_SAMPLING = {"qwen2_5_vl": (2.0, 2), "qwen2.5-vl": (2.0, 2), "qwen3_vl": (2.0, 2), "qwen3-vl": (2.0, 2)}
+DEFAULT_FRAMES = 8
+
+
+def family_sampling(
+    model: str | None, num_frames: int | None, target_fps: float | None
+) -> tuple[int | None, float | None, int]:
+    """(num_frames, target_fps, min_frames) to sample for `model`: what the user set wins; with neither set, the
+    family's native rate (Qwen2.5-VL / Qwen3-VL: 2 fps, at least 2 frames), else DEFAULT_FRAMES evenly."""
+    name = (model or "").lower()
+    for key, (fps, least) in FAMILY_SAMPLING.items():
+        if key in name:
+            if num_frames is None and target_fps is None:
+                return None, fps, least
+            return num_frames, target_fps, least
+    if num_frames is None and target_fps is None:
+        return DEFAULT_FRAMES, None, 1
+    return num_frames, target_fps, 1
+
+
 def sample_times(
-    start_s: float, end_s: float, num_frames: int | None, target_fps: float | None, max_frames: int
+    start_s: float,
+    end_s: float,
+    num_frames: int | None,
+    target_fps: float | None,
+    max_frames: int,
+    min_frames: int = 1,
 ) -> list[float]:
     """Presentation times to sample in [start_s, end_s): `num_frames` evenly, or every 1/target_fps s."""
     duration = max(0.0, end_s - start_s)
-    count = max(1, int(duration * target_fps)) if target_fps else (num_frames or 8)
-    count = max(1, min(count, max_frames))
+    count = max(1, int(duration * target_fps)) if target_fps else (num_frames or DEFAULT_FRAMES)
+    count = max(min_frames, 1, min(count, max_frames))
     return [start_s + (k + 0.5) * duration / count for k in range(count)]
 
 
@@ -48,9 +76,10 @@ def read_clip_frames(
     target_fps: float | None = None,
     max_frames: int = 32,
     max_side: int = 448,
+    min_frames: int = 1,
 ) -> tuple[list[np.ndarray], list[float]]:
     """RGB uint8 frames (and their times) sampled from the clip [start_s, end_s) of `uri`."""
-    targets = sample_times(start_s, end_s, num_frames, target_fps, max_frames)
+    targets = sample_times(start_s, end_s, num_frames, target_fps, max_frames, min_frames)
     frames: list[np.ndarray] = []
     times: list[float] = []
     try:

@@ -269,7 +269,12 @@ class CaptionConfig(_Section):
         None, description="transformers backend: the attention kernel (null: the model's default)"
     )
     prompt: str = Field("dense-v1", description="a built-in prompt name or a YAML/JSON prompt file")
-    num_frames: int | None = Field(8, ge=1, description="frames sampled evenly from each clip")
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        description="frames sampled evenly from each clip; null (with target_fps null): the model family's native "
+        "rate (Qwen2.5-VL / Qwen3-VL: 2 fps, at least 2 frames), else 8 frames",
+    )
     target_fps: float | None = Field(None, gt=0, description="instead of num_frames: sample at this rate")
     max_frames: int = Field(32, ge=1)
     max_side: int = Field(448, ge=28, description="frames are resized so their longer side is at most this")

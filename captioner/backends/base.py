@@ -19,7 +19,7 @@ class CaptionRequest:
     fps: float  # rate of the sampled frames, for the model's temporal encoding
     user_text: str
     system: str = ""
-    timestamps: list[float] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)  # each frame's time from the clip's start (real, VFR too)
 
 
 @dataclass
@@ -52,3 +52,22 @@ def frames_array(request: CaptionRequest) -> np.ndarray:
     if len(shapes) != 1:
         raise ValueError(f"clip {request.clip_id}: frames differ in shape {sorted(shapes)}")
     return np.stack(request.frames).astype(np.uint8, copy=False)
+
+
+def video_metadata(request: CaptionRequest) -> dict:
+    """What the processors read about the frames: `fps` is the rate of the frames given (Qwen2.5-VL's temporal
+    positions step by temporal_patch_size / fps), `frames_indices` place each frame on that rate's grid by its real
+    time (Qwen3-VL's `<t seconds>` labels are index / fps), `duration` is the clip's."""
+    n = len(request.frames)
+    fps = request.fps or 1.0
+    times = request.timestamps if len(request.timestamps) == n else [i / fps for i in range(n)]
+    indices = [max(0, round(t * fps - 0.5)) for t in times]  # times sit mid-interval: k + 0.5 over fps
+    for i in range(1, n):  # strictly increasing, as the processors expect
+        indices[i] = max(indices[i], indices[i - 1] + 1)
+    duration = (times[-1] - times[0]) + 1 / fps if n else 0.0
+    return {
+        "fps": fps,
+        "total_num_frames": indices[-1] + 1 if n else 0,
+        "frames_indices": indices,
+        "duration": duration,
+    }

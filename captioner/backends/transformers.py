@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from captioner.backends.base import CaptionRequest, Sampling, build_messages, frames_array
+from captioner.backends.base import CaptionRequest, Sampling, build_messages, frames_array, video_metadata
 
 TINY_PREFIX = "recap-tiny:"
 
@@ -75,10 +75,7 @@ class TransformersBackend:
             for r in requests
         ]
         videos = [frames_array(r) for r in requests]
-        metadata = [
-            {"fps": r.fps, "total_num_frames": len(r.frames), "frames_indices": list(range(len(r.frames)))}
-            for r in requests
-        ]
+        metadata = [video_metadata(r) for r in requests]
         inputs = self.processor(
             text=texts,
             videos=videos,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from captioner.backends.base import CaptionRequest, Sampling, build_messages, frames_array
+from captioner.backends.base import CaptionRequest, Sampling, build_messages, frames_array, video_metadata
 from pipeline.config import CaptionConfig
 
 
@@ -48,13 +48,7 @@ def build_vllm_inputs(processor: Any, requests: list[CaptionRequest]) -> list[di
     for request in requests:
         prompt = processor.apply_chat_template(build_messages(request), tokenize=False, add_generation_prompt=True)
         video = frames_array(request)  # (T, H, W, 3) uint8
-        metadata = {
-            "fps": request.fps,
-            "total_num_frames": len(request.frames),
-            "frames_indices": list(range(len(request.frames))),
-            "duration": len(request.frames) / request.fps if request.fps else None,
-            "video_backend": "recap",
-        }
+        metadata = {**video_metadata(request), "video_backend": "recap"}
         inputs.append(
             {
                 "prompt": prompt,

@@ -22,6 +22,7 @@ PREP_SCHEMA = pa.schema(
         ("clip_id", pa.string()),
         ("frames_jpeg", pa.list_(pa.binary())),
         ("sample_fps", pa.float64()),
+        ("frame_times", pa.list_(pa.float64())),  # each sampled frame's real time from the clip's start
         ("user_text", pa.string()),
         ("prep_error", pa.string()),
     ]
@@ -36,16 +37,19 @@ def caption_version(model: str, prompt_version_id: str) -> str:
 
 def prepare_clip(uri: str, start_s: float, end_s: float, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Sampled, resized frames of one clip as JPEG bytes; runs in the isolated child."""
-    from captioner.frames import read_clip_frames
+    from captioner.frames import family_sampling, read_clip_frames
 
     cfg = CaptionConfig.model_validate(cfg_dict)
-    frames, times = read_clip_frames(uri, start_s, end_s, cfg.num_frames, cfg.target_fps, cfg.max_frames, cfg.max_side)
+    num_frames, target_fps, least = family_sampling(cfg.model, cfg.num_frames, cfg.target_fps)
+    frames, times = read_clip_frames(
+        uri, start_s, end_s, num_frames, target_fps, cfg.max_frames, cfg.max_side, min_frames=least
+    )
     duration = max(end_s - start_s, 1e-6)
     encoded = [
         cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
         for f in frames
     ]
-    return {"frames_jpeg": encoded, "sample_fps": len(frames) / duration}
+    return {"frames_jpeg": encoded, "sample_fps": len(frames) / duration, "frame_times": [t - start_s for t in times]}
 
 
 class CaptionPrepStage(IsolatedStage):
@@ -71,7 +75,7 @@ class CaptionPrepStage(IsolatedStage):
         )
         rejected = self.reject_of(outcome)
         if rejected is not None:
-            out.update(frames_jpeg=[], sample_fps=None, prep_error=f"{rejected[0]}: {rejected[1]}")
+            out.update(frames_jpeg=[], sample_fps=None, frame_times=[], prep_error=f"{rejected[0]}: {rejected[1]}")
         else:
             out.update(outcome.result)
         return out
@@ -190,6 +194,7 @@ class CaptionModelStage:
                     float(row["sample_fps"] or 1.0),
                     row["user_text"],
                     system=self.prompt.system,
+                    timestamps=list(row.get("frame_times") or []),
                 )
             )
             owners.append(base)
