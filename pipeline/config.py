@@ -245,11 +245,18 @@ class VLLMConfig(_Section):
     data_parallel_replicas: int = Field(1, ge=1, description="engine actors, each on tensor_parallel_size GPUs")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=256)
-    pip: list[str] = Field(
-        default_factory=lambda: ["vllm==0.33.*"],
-        description="the caption actors' own Ray runtime_env pip set (vLLM pins its own torch)",
+    packages: list[str] = Field(
+        default_factory=lambda: ["vllm==0.33.0"],
+        description="the caption actors' own Ray runtime_env packages (vLLM pins its own torch: 0.33.0 brings torch "
+        "2.13.0 and a transformers in 5.16.1-5.19); installed per node by `installer`",
     )
-    image_uri: str | None = Field(None, description="or a container image for the caption actors")
+    installer: Literal["uv", "pip"] = Field(
+        "uv", description="uv installs the several GB of CUDA wheels in a fraction of pip's time; pip: pip_check on"
+    )
+    setup_timeout_seconds: int = Field(
+        1800, ge=-1, description="how long a node may take to build that environment (Ray's default 600 s is short)"
+    )
+    image_uri: str | None = Field(None, description="or a container image with vLLM for the caption actors (fastest)")
 
 
 class CaptionConfig(_Section):

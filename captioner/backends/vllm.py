@@ -62,9 +62,13 @@ def build_vllm_inputs(processor: Any, requests: list[CaptionRequest]) -> list[di
 
 def runtime_env(cfg: CaptionConfig) -> dict[str, Any]:
     """The caption actors' own environment: vLLM cannot share recap's torch/transformers pins."""
-    if cfg.vllm.image_uri:
-        return {"image_uri": cfg.vllm.image_uri}
-    return {"pip": {"packages": list(cfg.vllm.pip), "pip_check": False}}
+    v = cfg.vllm
+    config = {"setup_timeout_seconds": v.setup_timeout_seconds}
+    if v.image_uri:
+        return {"image_uri": v.image_uri, "config": config}
+    if v.installer == "uv":
+        return {"uv": {"packages": list(v.packages)}, "config": config}
+    return {"pip": {"packages": list(v.packages), "pip_check": True}, "config": config}
 
 
 class VLLMBackend:
@@ -76,7 +80,7 @@ class VLLMBackend:
         except ImportError as exc:
             raise ImportError(
                 "caption.backend=vllm needs vLLM in the caption actors' environment: "
-                "pip install 'recap[vllm]' on GPU nodes, or set caption.vllm.pip / caption.vllm.image_uri"
+                "pip install 'recap[vllm]' on GPU nodes, or set caption.vllm.packages / caption.vllm.image_uri"
             ) from exc
         from transformers import AutoProcessor
 

@@ -5,6 +5,8 @@ The engine itself needs vLLM and a GPU; that test runs only where both exist and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,10 +67,28 @@ def test_sampling_and_engine_settings():
         "max_model_len": 16384,
         "dtype": "bfloat16",
     }
-    assert runtime_env(cfg) == {"pip": {"packages": ["vllm==0.33.*"], "pip_check": False}}
-    assert runtime_env(CaptionConfig(vllm={"image_uri": "registry/recap-vllm:1"})) == {
-        "image_uri": "registry/recap-vllm:1"
-    }
+    assert runtime_env(cfg) == {"uv": {"packages": ["vllm==0.33.0"]}, "config": {"setup_timeout_seconds": 1800}}
+    pip = runtime_env(CaptionConfig(vllm={"installer": "pip", "setup_timeout_seconds": 2400}))
+    assert pip == {"pip": {"packages": ["vllm==0.33.0"], "pip_check": True}, "config": {"setup_timeout_seconds": 2400}}
+    image = runtime_env(CaptionConfig(vllm={"image_uri": "registry/recap-vllm:1"}))
+    assert image == {"image_uri": "registry/recap-vllm:1", "config": {"setup_timeout_seconds": 1800}}
+    from ray.runtime_env import RuntimeEnv
+
+    for env in (runtime_env(cfg), pip, image):
+        RuntimeEnv(**env)  # Ray's own validation accepts each form
+
+
+def test_the_vllm_extra_fits_recaps_own_pins():
+    """vLLM 0.33.0 needs transformers>=5.16.1,<5.20 and torch==2.13.0: recap's ranges must admit them."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    deps = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
+    assert all(deps["transformers"].specifier.contains(v) for v in ("5.16.1", "5.19.0"))
+    assert deps["torch"].specifier.contains("2.13.0")
+    assert project["optional-dependencies"]["vllm"] == ["vllm==0.33.0"]
 
 
 def test_frames_of_different_sizes_are_refused(processor):
