@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
@@ -247,6 +247,7 @@ class VLLMConfig(_Section):
     max_model_len: int | None = Field(None, ge=256)
     packages: list[str] = Field(
         default_factory=lambda: ["vllm==0.33.0"],
+        validation_alias=AliasChoices("packages", "pip"),  # `pip` was its name before the uv installer
         description="the caption actors' own Ray runtime_env packages (vLLM pins its own torch: 0.33.0 brings torch "
         "2.13.0 and a transformers in 5.16.1-5.19); installed per node by `installer`",
     )
