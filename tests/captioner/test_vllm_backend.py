@@ -89,6 +89,7 @@ def test_the_vllm_extra_fits_recaps_own_pins():
     assert all(deps["transformers"].specifier.contains(v) for v in ("5.16.1", "5.19.0"))
     assert deps["torch"].specifier.contains("2.13.0")
     assert project["optional-dependencies"]["vllm"] == ["vllm==0.33.0"]
+    assert "num2words" in deps  # SmolVLM2's processor needs it and transformers does not declare it
 
 
 def test_frames_of_different_sizes_are_refused(processor):
