@@ -406,7 +406,7 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.errors import StageInputError
+    from pipeline.errors import DecoderUnavailable, StageInputError
     from pipeline.io.sources import InputError
 
     try:
@@ -420,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"recap: error: {exc}", file=sys.stderr)
             return 2
         raise
+    except DecoderUnavailable as exc:  # a broken worker, not bad files: nothing was rejected for it
+        print(f"recap: error: {exc}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("recap: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

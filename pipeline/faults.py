@@ -3,7 +3,9 @@
 Off unless the environment asks for it; costs one dict lookup per call otherwise.
   RECAP_CRASH_AT=<stage>:<n>             the driver SIGKILLs itself right after its n-th commit in <stage>
   RECAP_FAULTS_DIR=<dir>                 a <stage> actor exits its process (os._exit) when it finds the file
-                                          <dir>/kill-once-<stage> (set before Ray starts: workers inherit it)
+                                          <dir>/kill-once-<stage> (set before Ray starts: workers inherit it);
+                                          a decoding process exits at start (code 1) while <dir>/child-start-fails
+                                          exists (pipeline/video/child.py): a broken worker, not a bad file
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import RecapConfig, Resources
-from pipeline.errors import StageInputError
+from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.progress import StageProgress
 from pipeline.resume import (
@@ -97,6 +97,15 @@ class RaySession:
         ctx = ray.data.DataContext.get_current()
         # recap prints its own per-stage progress; Ray's bars (or INFO blocks off a terminal) are noise.
         ctx.enable_progress_bars = False
+        # A decoding process that cannot start is the worker's trouble, not the batch's: Ray runs the batch
+        # again before the run gives up (DecoderUnavailable at the driver).
+        retried = ctx.retried_map_errors
+        if retried is not True:
+            retried = list(retried or [])
+            if DecoderUnavailable.MARKER not in retried:
+                retried.append(DecoderUnavailable.MARKER)
+            ctx.retried_map_errors = retried
+        ctx.max_map_retries = max(ctx.max_map_retries, self.config.isolation.infrastructure_retries)
         for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
             logging.getLogger(name).setLevel(logging.ERROR)
         return self
@@ -109,6 +118,26 @@ class RaySession:
 
             ray.shutdown()
             stop_reaper(self._reaper)
+
+
+def _infrastructure_failure(exc: BaseException) -> DecoderUnavailable | None:
+    """The DecoderUnavailable a stage actor raised, found in the error Ray Data reports (it keeps only text)."""
+    import re
+
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        if isinstance(current, DecoderUnavailable) and type(current) is DecoderUnavailable:
+            return current
+        seen.append(current)
+        found = re.search(
+            r"DecoderUnavailable: (.*?)(?:\n\nThe above exception|\nFailed to apply UDF|\Z)", str(current), re.S
+        )
+        if found:
+            return DecoderUnavailable(found.group(1).strip())
+        nxt = getattr(current, "cause", None)
+        current = nxt if isinstance(nxt, BaseException) else (current.__cause__ or current.__context__)
+    return None
 
 
 def _map_stage(
@@ -400,16 +429,16 @@ def run_pipeline(
             if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
                 seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
             state.start(stage, fp, settings, cfg_dict)
-            if stage == "ingest":
-                result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint)
-            elif stage == "split":
-                result = run_split(config, output, checkpoint=checkpoint)
-            elif stage == "filter":
-                result = run_filter(config, output, checkpoint=checkpoint)
-            elif stage == "caption":
-                result = run_caption(config, output, checkpoint=checkpoint)
-            else:
-                result = run_encode(config, output, checkpoint=checkpoint)
+            try:
+                result = _run_stage(stage, config, output, inputs, uris, checkpoint)
+            except Exception as exc:
+                failure = _infrastructure_failure(exc)
+                if failure is None:
+                    raise
+                raise DecoderUnavailable(
+                    f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
+                    "(install, runtime env, memory) and re-run the same command to resume"
+                ) from None
             info = {
                 "seconds": result.seconds,
                 "counts": result.counts,
@@ -422,6 +451,25 @@ def run_pipeline(
             checkpoint.clear()
             results.append(result)
     return results
+
+
+def _run_stage(
+    stage: str,
+    config: RecapConfig,
+    output: str,
+    inputs: list[str] | None,
+    uris: list[str] | None,
+    checkpoint: StageCheckpoint,
+) -> StageResult:
+    if stage == "ingest":
+        return run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint)
+    if stage == "split":
+        return run_split(config, output, checkpoint=checkpoint)
+    if stage == "filter":
+        return run_filter(config, output, checkpoint=checkpoint)
+    if stage == "caption":
+        return run_caption(config, output, checkpoint=checkpoint)
+    return run_encode(config, output, checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------

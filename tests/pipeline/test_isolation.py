@@ -1,8 +1,20 @@
-"""A crashing or hanging decoder costs one job, never the worker that runs it."""
+"""A crashing or hanging decoder costs one job, never the worker that runs it; a broken worker rejects nothing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import DecoderUnavailable
 from pipeline.video.isolation import IsolatedWorker
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_results_errors_crashes_and_hangs():
@@ -12,9 +24,9 @@ def test_results_errors_crashes_and_hangs():
         error = worker.run("math:factorial", -1)
         assert error.status == "error" and error.error_type == "ValueError"
         crash = worker.run("ctypes:string_at", 0)  # a real segfault in the child
-        assert crash.status == "crash" and "SIGSEGV" in crash.message
+        assert crash.status == "crash" and crash.signal == "SIGSEGV" and "the decoder crashed" in crash.message
         abort = worker.run("os:abort")
-        assert abort.status == "crash" and "SIGABRT" in abort.message
+        assert abort.status == "crash" and abort.signal == "SIGABRT"
         hang = worker.run("time:sleep", 60)  # no heartbeat: the watchdog kills it
         assert hang.status == "timeout"
         after = worker.run("math:factorial", 6)  # a fresh child takes the next job
@@ -25,3 +37,53 @@ def test_child_is_recycled_after_max_jobs():
     with IsolatedWorker(max_jobs_per_child=2) as worker:
         pids = [worker.run("os:getpid").result for _ in range(5)]
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+
+
+@pytest.fixture
+def broken_child():
+    """Every decoding process started while this is active exits with code 1 before its first heartbeat."""
+    fault = Path(os.environ["RECAP_FAULTS_DIR"]) / "child-start-fails"  # conftest sets it before Ray starts
+    fault.write_text("")
+    yield fault
+    fault.unlink(missing_ok=True)
+
+
+def test_a_child_that_cannot_start_raises_instead_of_rejecting(broken_child):
+    with IsolatedWorker(start_attempts=2) as worker, pytest.raises(DecoderUnavailable) as caught:
+        worker.run("math:factorial", 5)
+    assert "exited with code 1 before its first heartbeat" in str(caught.value)
+    assert "refuses to start (child-start-fails)" in str(caught.value)  # the child's own stderr
+
+
+def test_a_broken_worker_stops_the_run_and_rejects_nothing(ray_session, sample_videos, broken_child, tmp_path, capsys):
+    sample_dir, _truth = sample_videos
+    out = tmp_path / "corpus"
+    argv = [
+        "ingest",
+        "--config",
+        str(PROJECT_ROOT / "configs" / "smoke.yaml"),
+        "--set",
+        "ray.progress=off",
+        "--input",
+        str(sample_dir / "sample-quick-cuts.mp4"),
+        str(sample_dir / "sample-three-shots.mp4"),
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "the ingest stage stopped" in err and "exited with code 1" in err and "child-start-fails" in err
+    assert "no video was rejected" in err
+    assert not (out / "manifest" / "videos").exists()  # no rejected rows: the videos stay to do
+    broken_child.unlink()
+    assert main(argv) == 0  # the same command, the worker fixed: every video ok
+    videos = ds.dataset(out / "manifest" / "videos").to_table().to_pylist()
+    assert sorted(v["status"] for v in videos) == ["ok", "ok"]
+
+
+def test_the_child_needs_nothing_from_the_callers_main():
+    """From a script piped into `python -` (spawn would re-import `<stdin>` and fail) the child still runs jobs."""
+    script = "from pipeline.video.isolation import IsolatedWorker\nprint('RESULT', IsolatedWorker().run('math:factorial', 5).result)\n"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True, env=env, timeout=120)
+    assert "RESULT 120" in done.stdout, done.stderr[-2000:]
