@@ -42,3 +42,18 @@ def actor_call(stage: str) -> None:
     except FileNotFoundError:
         return
     os._exit(1)
+
+
+def killed_mid_file(once_marker: str | None = None) -> str:
+    """Tests only, run as a job in the decoding child: make progress on a "file", then SIGKILL this process.
+
+    With `once_marker`, only the first call is killed (it leaves the marker), as a transient OOM kill would be."""
+    from pipeline.video.isolation import heartbeat
+
+    heartbeat()
+    if once_marker:
+        if os.path.exists(once_marker):
+            return "decoded on the retry"
+        open(once_marker, "w").close()  # noqa: SIM115 - an empty marker file
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "unreachable"

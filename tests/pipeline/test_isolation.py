@@ -87,3 +87,29 @@ def test_the_child_needs_nothing_from_the_callers_main():
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     done = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True, env=env, timeout=120)
     assert "RESULT 120" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_file_killed_by_sigkill_is_retried_once_in_a_fresh_child(tmp_path):
+    from pipeline.stages.ingest import IngestStage
+
+    stage = IngestStage({})
+    try:
+        transient = stage.run_isolated("pipeline.faults:killed_mid_file", str(tmp_path / "killed-once"))
+        assert transient.ok and transient.result == "decoded on the retry"
+        always = stage.run_isolated("pipeline.faults:killed_mid_file")
+        reason, detail = stage.reject_of(always)
+    finally:
+        stage.close()
+    assert reason == "decoder_crash" and always.signal == "SIGKILL"
+    assert "killed by SIGKILL" in detail and "OOM killer" in detail and "on each of 2 attempts" in detail
+
+
+def test_death_cause_names_the_signal_and_its_likely_cause():
+    import signal
+
+    from pipeline.video.isolation import death_cause
+
+    assert death_cause(-signal.SIGKILL, near_memory_limit=0.0)[1].endswith("probably the kernel's OOM killer")
+    assert "from outside" in death_cause(-signal.SIGKILL, near_memory_limit=1.1)[1]
+    assert death_cause(-signal.SIGSEGV) == ("SIGSEGV", "died with SIGSEGV: the decoder crashed on this file")
+    assert death_cause(3) == ("", "exited with code 3")
