@@ -174,6 +174,17 @@ def _print_summary(results: list[Any], output: str) -> None:
             print("  " + manifest.stale_note(stats["stale"]))
 
 
+def _health(config: Any, output: str) -> int:
+    """0, or the configured exit code after one loud line when too many inputs hit a crashed or hung decoder."""
+    from pipeline.runner import decoder_failure_alarm
+
+    alarm = decoder_failure_alarm(config, output)
+    if alarm is None:
+        return 0
+    print(f"\n{alarm}", file=sys.stderr)
+    return config.isolation.decoder_failure_exit_code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
@@ -182,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config, args.output, inputs=args.input, stages=args.stages, address=args.address, force=args.force
     )
     _print_summary(results, args.output)
-    return 0
+    return _health(config, args.output)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -194,7 +205,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         config, args.output, inputs=inputs, stages=[args.command], address=args.address, force=args.force
     )
     _print_summary(results, args.output)
-    return 0
+    return _health(config, args.output)
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:

@@ -66,6 +66,15 @@ class IsolationConfig(_Section):
     infrastructure_retries: int = Field(
         1, ge=0, description="times Ray re-runs a batch whose worker could not start a decoding process"
     )
+    max_decoder_failure_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="more than this share of the inputs rejected decoder_crash/decode_timeout: the run fails",
+    )
+    decoder_failure_exit_code: int = Field(
+        5, ge=0, le=255, description="exit code of a run over max_decoder_failure_share (0: only warn)"
+    )
 
 
 class IngestConfig(_Section):

@@ -31,7 +31,7 @@ from pipeline.resume import (
     seed_encode_checkpoint,
     stage_settings,
 )
-from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, VideoStatus
+from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
 from pipeline.stages.ingest import IngestStage, mark_duplicates
 from pipeline.stages.split import (
     SPLIT_RESULT_SCHEMA,
@@ -341,6 +341,27 @@ def _encode_meta(state: dict[str, Any]) -> dict[str, Any]:
     """The VAE facts an encode run recorded (what a repair that encodes nothing new must report again)."""
     bookkeeping = {"seconds", "counts", "rejects_by_reason", "status", "fingerprint", "settings", "updated_at"}
     return {k: v for k, v in state.items() if k not in bookkeeping and k != "repaired"}
+
+
+DECODER_FAILURES = (RejectReason.DECODER_CRASH.value, RejectReason.DECODE_TIMEOUT.value)
+
+
+def decoder_failure_alarm(config: RecapConfig, output: str) -> str | None:
+    """One loud line when more than `isolation.max_decoder_failure_share` of the inputs were rejected for a
+    crashed or hung decoder: that many is a sick worker or machine far more often than bad files."""
+    if not manifest.table_exists(output, "videos"):
+        return None
+    reasons = manifest.read_table(output, "videos", columns=["reject_reason"]).column(0).to_pylist()
+    failed = sum(r in DECODER_FAILURES for r in reasons)
+    share = failed / len(reasons) if reasons else 0.0
+    if share <= config.isolation.max_decoder_failure_share:
+        return None
+    return (
+        f"RECAP RUN UNHEALTHY: {failed:,} of {len(reasons):,} input videos ({share:.0%}) were rejected "
+        f"decoder_crash/decode_timeout, more than isolation.max_decoder_failure_share="
+        f"{config.isolation.max_decoder_failure_share}. Check the workers (memory, install), then re-process them "
+        f"with --retry-rejected {','.join(DECODER_FAILURES)}"
+    )
 
 
 def resolve_stages(stages: list[str] | None) -> list[str]:

@@ -113,3 +113,34 @@ def test_death_cause_names_the_signal_and_its_likely_cause():
     assert "from outside" in death_cause(-signal.SIGKILL, near_memory_limit=1.1)[1]
     assert death_cause(-signal.SIGSEGV) == ("SIGSEGV", "died with SIGSEGV: the decoder crashed on this file")
     assert death_cause(3) == ("", "exited with code 3")
+
+
+def _copy_with_decoder_crashes(corpus: Path, out: Path, crashed: int) -> None:
+    """A copy of a finished corpus whose first `crashed` videos read as rejected decoder_crash."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline import manifest
+
+    shutil.copytree(corpus, out)
+    rows = manifest.read_table(str(out), "videos").to_pylist()
+    for row in rows[:crashed]:
+        row.update(status="rejected", reject_reason="decoder_crash", reject_detail="decoding process died")
+    manifest.write_table(str(out), "videos", pa.Table.from_pylist(rows), prefix="videos")
+
+
+def test_a_run_with_too_many_decoder_failures_fails_loudly(sample_corpora, tmp_path, capsys):
+    out = tmp_path / "sick"
+    _copy_with_decoder_crashes(sample_corpora["partial"], out, crashed=1)  # 1 of 2 videos
+    argv = ["ingest", "--config", str(PROJECT_ROOT / "configs" / "smoke.yaml"), "--input", *sample_corpora["inputs"]]
+    argv += [f"--set={o}" for o in sample_corpora["overrides"]] + ["--output", str(out)]
+    assert main(argv) == 0  # 50% is not more than the default share
+    assert "UNHEALTHY" not in capsys.readouterr().err
+    assert main([*argv, "--set", "isolation.max_decoder_failure_share=0.4"]) == 5
+    err = capsys.readouterr().err
+    assert "RECAP RUN UNHEALTHY: 1 of 2 input videos (50%) were rejected decoder_crash/decode_timeout" in err
+    assert (
+        main([*argv, "--set=isolation.max_decoder_failure_share=0.4", "--set=isolation.decoder_failure_exit_code=0"])
+        == 0
+    )
