@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", nargs="+", help="video files, directories, globs or fsspec URIs")
     p.add_argument("--output", "-o", required=True, help="corpus directory or URI")
     p.add_argument("--stages", type=_stage_list, help="comma-separated: ingest,split,filter,caption,encode")
+    p.add_argument(
+        "--retry-rejected",
+        type=_stage_list,
+        metavar="REASONS",
+        help="process again the videos an earlier run rejected for these reasons, e.g. decoder_crash,decode_timeout "
+        "(only those; everything else stays as it is)",
+    )
 
     p = sub.add_parser("ingest", help="find and probe input videos; write the videos table")
     _add_config_args(p)
@@ -190,7 +197,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     results = run_pipeline(
-        config, args.output, inputs=args.input, stages=args.stages, address=args.address, force=args.force
+        config,
+        args.output,
+        inputs=args.input,
+        stages=args.stages,
+        address=args.address,
+        force=args.force,
+        retry_rejected=args.retry_rejected,
     )
     _print_summary(results, args.output)
     return _health(config, args.output)
@@ -427,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recap: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        if "--stages" in str(exc) or "--input" in str(exc):
+        if any(flag in str(exc) for flag in ("--stages", "--input", "--retry-rejected")):
             print(f"recap: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -6,6 +6,8 @@ Off unless the environment asks for it; costs one dict lookup per call otherwise
                                           <dir>/kill-once-<stage> (set before Ray starts: workers inherit it);
                                           a decoding process exits at start (code 1) while <dir>/child-start-fails
                                           exists (pipeline/video/child.py): a broken worker, not a bad file
+                                          a decoding job of <function> on a file whose uri contains the text of
+                                          <dir>/kill-decoder-<function> SIGKILLs its process (e.g. split_video)
 """
 
 from __future__ import annotations
@@ -57,3 +59,19 @@ def killed_mid_file(once_marker: str | None = None) -> str:
         open(once_marker, "w").close()  # noqa: SIM115 - an empty marker file
     os.kill(os.getpid(), signal.SIGKILL)
     return "unreachable"
+
+
+def decoder_job(target: str, args: tuple) -> None:
+    """In the decoding child, before a job: SIGKILL it mid-file if `$RECAP_FAULTS_DIR/kill-decoder-<function>`
+    names (a part of) the job's uri."""
+    root = os.environ.get("RECAP_FAULTS_DIR")
+    if not root or not args:
+        return
+    request = os.path.join(root, f"kill-decoder-{target.rsplit(':', 1)[-1]}")
+    try:
+        with open(request) as fh:
+            needle = fh.read().strip()
+    except FileNotFoundError:
+        return
+    if needle and needle in str(args[0]):
+        killed_mid_file()

@@ -28,6 +28,7 @@ from pipeline.resume import (
     StageCheckpoint,
     fingerprint,
     missing_outputs,
+    reopen_rejected,
     seed_encode_checkpoint,
     stage_settings,
 )
@@ -384,13 +385,17 @@ def run_pipeline(
     address: str | None = None,
     dry_run: bool = False,
     force: bool = False,
+    retry_rejected: list[str] | None = None,
 ) -> list[StageResult]:
     """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing).
 
     Re-running resumes: a stage finished with the same settings is skipped, an interrupted one continues from
     its committed work; a stage that ran with other settings is refused (ConfigChanged) unless `force`.
+    `retry_rejected`: reject reasons (e.g. decoder_crash) whose videos are processed again, and only those.
     """
     chosen = resolve_stages(stages)
+    if retry_rejected and "ingest" not in chosen:
+        raise ValueError("--retry-rejected re-processes videos from the ingest stage on: include it in --stages")
     uris: list[str] | None = None
     if "ingest" in chosen:
         if not inputs:
@@ -402,6 +407,14 @@ def run_pipeline(
         raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
     for repaired in manifest.recover_tables(output):
         log.warning("recap: %s", repaired)
+    if retry_rejected:
+        again = reopen_rejected(output, retry_rejected, config.to_dict())
+        log.warning(
+            "recap: --retry-rejected %s: %d video(s) to probe again, %d to split again",
+            ",".join(retry_rejected),
+            again.get("ingest", 0),
+            again.get("split", 0),
+        )
     state = RunState(output)
     plan = []
     for stage in chosen:  # decide every stage before any work: a refused config change costs nothing

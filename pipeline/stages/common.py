@@ -24,6 +24,7 @@ def call_rejectable(target: str, *args: Any, **kwargs: Any) -> Any:
     """Child-side wrapper: a VideoRejected becomes a value, not an error, so its code survives."""
     from pipeline.video.decode import VideoRejected
 
+    faults.decoder_job(target, args)
     module_name, func_name = target.rsplit(":", 1)
     func = getattr(importlib.import_module(module_name), func_name)
     try:

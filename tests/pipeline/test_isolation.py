@@ -144,3 +144,48 @@ def test_a_run_with_too_many_decoder_failures_fails_loudly(sample_corpora, tmp_p
         main([*argv, "--set=isolation.max_decoder_failure_share=0.4", "--set=isolation.decoder_failure_exit_code=0"])
         == 0
     )
+
+
+def test_retry_rejected_reprocesses_exactly_the_named_reasons(sample_corpora, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    def table(name: str) -> list[dict]:
+        return ds.dataset(out / "manifest" / name, ignore_prefixes=[".", "_"]).to_table().to_pylist()
+
+    one_actor = ["ingest.resources.concurrency=1", "split.resources.concurrency=1"]  # fewer actors to start
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*sample_corpora["overrides"], *one_actor])
+    inputs, out = sample_corpora["inputs"], tmp_path / "retry"
+    faults = Path(os.environ["RECAP_FAULTS_DIR"])
+    kills = {
+        faults / "kill-decoder-probe_video": "sample-quick-cuts",
+        faults / "kill-decoder-split_video": "three-shots",
+    }
+    try:
+        for path, uri_part in kills.items():
+            path.write_text(uri_part)
+        run_pipeline(config, str(out), inputs=inputs, stages=["ingest", "split"])
+    finally:
+        for path in kills:
+            path.unlink(missing_ok=True)
+    first = {Path(v["uri"]).name: v for v in table("videos")}
+    assert {name: v["reject_reason"] for name, v in first.items()} == {
+        "sample-quick-cuts.mp4": "decoder_crash",  # killed while probed (ingest)
+        "sample-three-shots.mp4": "decoder_crash",  # killed while split
+    }
+    assert all("SIGKILL" in v["reject_detail"] and "2 attempts" in v["reject_detail"] for v in first.values())
+
+    results = run_pipeline(
+        config, str(out), inputs=inputs, stages=["ingest", "split"], retry_rejected=["decode_timeout"]
+    )
+    assert [r.skipped for r in results] == [True, True]  # no video was rejected for that reason
+    assert [v["reject_reason"] for v in table("videos")] == ["decoder_crash", "decoder_crash"]
+
+    results = run_pipeline(
+        config, str(out), inputs=inputs, stages=["ingest", "split"], retry_rejected=["decoder_crash"]
+    )
+    assert [r.resumed for r in results] == [1, 0]  # three-shots was not probed again, only split again
+    assert sorted(v["status"] for v in table("videos")) == ["ok", "ok"]
+    baseline = ds.dataset(sample_corpora["partial"] / "manifest" / "clips").to_table(columns=["clip_id"])
+    assert sorted(c["clip_id"] for c in table("clips")) == sorted(baseline.column(0).to_pylist())
+    assert [r for r in table("rejects") if r["reason"] == "decoder_crash"] == []
