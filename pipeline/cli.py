@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", nargs="+", help="video files, directories, globs or fsspec URIs")
     p.add_argument("--output", "-o", required=True, help="corpus directory or URI")
     p.add_argument("--stages", type=_stage_list, help="comma-separated: ingest,split,filter,caption,encode")
+    p.add_argument(
+        "--retry-rejected",
+        type=_stage_list,
+        metavar="REASONS",
+        help="process again the videos an earlier run rejected for these reasons, e.g. decoder_crash,decode_timeout "
+        "(only those; everything else stays as it is)",
+    )
 
     p = sub.add_parser("ingest", help="find and probe input videos; write the videos table")
     _add_config_args(p)
@@ -176,15 +183,32 @@ def _print_summary(results: list[Any], output: str) -> None:
             print("  " + manifest.stale_note(stats["stale"]))
 
 
+def _health(config: Any, output: str) -> int:
+    """0, or the configured exit code after one loud line when too many inputs hit a crashed or hung decoder."""
+    from pipeline.runner import decoder_failure_alarm
+
+    alarm = decoder_failure_alarm(config, output)
+    if alarm is None:
+        return 0
+    print(f"\n{alarm}", file=sys.stderr)
+    return config.isolation.decoder_failure_exit_code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
     results = run_pipeline(
-        config, args.output, inputs=args.input, stages=args.stages, address=args.address, force=args.force
+        config,
+        args.output,
+        inputs=args.input,
+        stages=args.stages,
+        address=args.address,
+        force=args.force,
+        retry_rejected=args.retry_rejected,
     )
     _print_summary(results, args.output)
-    return 0
+    return _health(config, args.output)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -196,7 +220,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         config, args.output, inputs=inputs, stages=[args.command], address=args.address, force=args.force
     )
     _print_summary(results, args.output)
-    return 0
+    return _health(config, args.output)
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
@@ -408,7 +432,7 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.errors import StageInputError
+    from pipeline.errors import DecoderUnavailable, StageInputError
     from pipeline.io.sources import InputError
 
     try:
@@ -418,10 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recap: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        if "--stages" in str(exc) or "--input" in str(exc):
+        if any(flag in str(exc) for flag in ("--stages", "--input", "--retry-rejected")):
             print(f"recap: error: {exc}", file=sys.stderr)
             return 2
         raise
+    except DecoderUnavailable as exc:  # a broken worker, not bad files: nothing was rejected for it
+        print(f"recap: error: {exc}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("recap: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

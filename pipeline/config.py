@@ -56,7 +56,25 @@ class IsolationConfig(_Section):
 
     stall_timeout_s: float = Field(120.0, gt=0, description="no decode progress for this long: the file is rejected")
     max_jobs_per_child: int = Field(200, ge=1, description="restart the child after this many files (bounds leaks)")
-    max_attempts: int = Field(1, ge=1, description="attempts per file before a crash or hang becomes a reject")
+    max_attempts: int = Field(
+        1, ge=1, description="attempts per file before a hang becomes a reject (a crash always gets a second)"
+    )
+    start_timeout_s: float = Field(
+        120.0, gt=0, description="a decoding process not ready after this long is a worker failure, not a reject"
+    )
+    start_attempts: int = Field(2, ge=1, description="tries to start a decoding process before the worker gives up")
+    infrastructure_retries: int = Field(
+        1, ge=0, description="times Ray re-runs a batch whose worker could not start a decoding process"
+    )
+    max_decoder_failure_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="more than this share of the inputs rejected decoder_crash/decode_timeout: the run fails",
+    )
+    decoder_failure_exit_code: int = Field(
+        5, ge=0, le=255, description="exit code of a run over max_decoder_failure_share (0: only warn)"
+    )
 
 
 class IngestConfig(_Section):

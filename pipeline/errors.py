@@ -26,3 +26,12 @@ class StorageError(OSError):
         if not found:
             return cls(message)
         return cls(int(found.group(1)), found.group(2), found.group(3))
+
+
+class DecoderUnavailable(RuntimeError):
+    """The isolated decoding process could not start or died before its first heartbeat: the worker's fault.
+
+    Raised from the stage (never a reject of the video); a run stops on it (exit 4) with its videos unprocessed,
+    so a re-run resumes them."""
+
+    MARKER = "the decoding process could not start"  # every message starts with it (Ray retries on it)

@@ -3,7 +3,11 @@
 Off unless the environment asks for it; costs one dict lookup per call otherwise.
   RECAP_CRASH_AT=<stage>:<n>             the driver SIGKILLs itself right after its n-th commit in <stage>
   RECAP_FAULTS_DIR=<dir>                 a <stage> actor exits its process (os._exit) when it finds the file
-                                          <dir>/kill-once-<stage> (set before Ray starts: workers inherit it)
+                                          <dir>/kill-once-<stage> (set before Ray starts: workers inherit it);
+                                          a decoding process exits at start (code 1) while <dir>/child-start-fails
+                                          exists (pipeline/video/child.py): a broken worker, not a bad file
+                                          a decoding job of <function> on a file whose uri contains the text of
+                                          <dir>/kill-decoder-<function> SIGKILLs its process (e.g. split_video)
 """
 
 from __future__ import annotations
@@ -40,3 +44,34 @@ def actor_call(stage: str) -> None:
     except FileNotFoundError:
         return
     os._exit(1)
+
+
+def killed_mid_file(once_marker: str | None = None) -> str:
+    """Tests only, run as a job in the decoding child: make progress on a "file", then SIGKILL this process.
+
+    With `once_marker`, only the first call is killed (it leaves the marker), as a transient OOM kill would be."""
+    from pipeline.video.isolation import heartbeat
+
+    heartbeat()
+    if once_marker:
+        if os.path.exists(once_marker):
+            return "decoded on the retry"
+        open(once_marker, "w").close()  # noqa: SIM115 - an empty marker file
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "unreachable"
+
+
+def decoder_job(target: str, args: tuple) -> None:
+    """In the decoding child, before a job: SIGKILL it mid-file if `$RECAP_FAULTS_DIR/kill-decoder-<function>`
+    names (a part of) the job's uri."""
+    root = os.environ.get("RECAP_FAULTS_DIR")
+    if not root or not args:
+        return
+    request = os.path.join(root, f"kill-decoder-{target.rsplit(':', 1)[-1]}")
+    try:
+        with open(request) as fh:
+            needle = fh.read().strip()
+    except FileNotFoundError:
+        return
+    if needle and needle in str(args[0]):
+        killed_mid_file()

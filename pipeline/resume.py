@@ -205,6 +205,8 @@ STAGE_TABLES = {"ingest": ("videos",), "split": ("clips",), "filter": ("clips",)
 def missing_outputs(out: str, stage: str) -> list[str]:
     """What a finished stage committed that is no longer there (cheap: names and sizes, no hashing)."""
     problems = [f"the {name} table" for name in STAGE_TABLES.get(stage, ()) if not manifest.table_exists(out, name)]
+    if problems and stage == "split" and not _any_ok_video(out):
+        problems = []  # every video was rejected before split: it had no clips table to write
     if stage == "split" and not problems and "clip_uri" in manifest.table_columns(out, "clips"):
         uris = [u for u in manifest.read_table(out, "clips", columns=["clip_uri"]).column(0).to_pylist() if u]
         if uris:
@@ -217,6 +219,11 @@ def missing_outputs(out: str, stage: str) -> list[str]:
         if not problems:
             problems += [f"shards/{name}" for name in damaged_shards(out)]
     return problems
+
+
+def _any_ok_video(out: str) -> bool:
+    statuses = manifest.read_table(out, "videos", columns=["status"]).column(0).to_pylist()
+    return "ok" in statuses
 
 
 def damaged_shards(out: str) -> list[str]:
@@ -252,3 +259,91 @@ def seed_encode_checkpoint(out: str, checkpoint: StageCheckpoint, meta: dict[str
 
 # The shards table's columns as the shard writer's checkpoint names them (SHARD_COLUMNS order).
 SHARD_COLUMNS_FROM_TABLE = ("shard_num_samples", "shard_bytes", "shard_sha256", "shard_bucket")
+
+
+def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dict[str, int]:
+    """Make the videos rejected for `reasons` (e.g. decoder_crash) work to do again, and nothing else.
+
+    Ingest and split go back to "running" with their finished work committed as checkpoints minus those videos,
+    so a resumed run probes or splits exactly them; the stages after split read a clips table that changes, so
+    they are marked stale (re-run). Returns how many videos each stage gives back."""
+    import json
+
+    from pipeline.schema import CLIPS_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
+    from pipeline.stages.split import SPLIT_RESULT_SCHEMA
+
+    known = {r.value for r in RejectReason}
+    unknown = [r for r in reasons if r not in known]
+    if unknown:
+        raise ValueError(f"--retry-rejected: unknown reason(s) {unknown}; allowed: {', '.join(sorted(known))}")
+    state = RunState(out)
+    stages = state.stages()
+    if "ingest" not in stages or not manifest.table_exists(out, "videos"):
+        return {}
+    videos = manifest.read_table(out, "videos").select(VIDEOS_SCHEMA.names).to_pylist()
+    rejected_by: dict[str, str] = {}  # video_id -> the stage that rejected it (split wins over a duplicate's ingest)
+    for r in manifest.read_table(out, "rejects", columns=["stage", "item_id"]).to_pylist():
+        if r["stage"] == "split" or (r["stage"] == "ingest" and r["item_id"] not in rejected_by):
+            rejected_by[r["item_id"]] = r["stage"]
+    again = {
+        v["uri"]: rejected_by.get(v["video_id"], "ingest")
+        for v in videos
+        if v["status"] == VideoStatus.REJECTED.value and v["reject_reason"] in reasons
+    }
+    counts = {"ingest": sum(s == "ingest" for s in again.values()), "split": sum(s == "split" for s in again.values())}
+    if not again:
+        return counts
+    seed = []
+    for row in videos:
+        if again.get(row["uri"]) == "ingest":
+            continue  # probed again
+        if again.get(row["uri"]) == "split":  # its probe was fine: split decodes it again
+            row = {**row, "status": VideoStatus.OK.value, "reject_reason": None, "reject_detail": None}
+        seed.append(row)
+    _reopen(state, "ingest", pa.Table.from_pylist(seed, schema=VIDEOS_SCHEMA), config)
+    if "split" in stages and manifest.table_exists(out, "clips"):
+        retried = {v["video_id"] for v in videos if v["uri"] in again}
+        clips: dict[str, list[dict[str, Any]]] = {}
+        for clip in manifest.read_table(out, "clips").to_pylist():
+            row = {name: clip.get(name) for name in CLIPS_SCHEMA.names}
+            row["reject_reason"] = "too_short" if clip.get("reject_reason") == "too_short" else None  # split's own
+            row["passed"] = row["reject_reason"] is None
+            clips.setdefault(clip["video_id"], []).append(row)
+        results: dict[str, dict[str, Any]] = {}
+        for v in videos:
+            if v["video_id"] in retried or v["video_id"] in results:
+                continue
+            if v["status"] == VideoStatus.OK.value:
+                rows = clips.get(v["video_id"], [])
+                results[v["video_id"]] = {
+                    **_result(v, "ok"),
+                    "num_frames": v["num_frames"],
+                    "clips_json": json.dumps(rows),
+                }
+            elif rejected_by.get(v["video_id"]) == "split" and v["reject_reason"] != RejectReason.DUPLICATE_FILE.value:
+                results[v["video_id"]] = {**_result(v, v["status"]), "reject_reason": v["reject_reason"]}
+        results_table = pa.Table.from_pylist(list(results.values()), schema=SPLIT_RESULT_SCHEMA)
+        _reopen(state, "split", results_table, config)
+        state.mark_stale_after("split", config)
+    else:
+        state.mark_stale_after("ingest", config)
+    return counts
+
+
+def _result(video: dict[str, Any], status: str) -> dict[str, Any]:
+    return {
+        "video_id": video["video_id"],
+        "uri": video["uri"],
+        "status": status,
+        "reject_detail": video["reject_detail"] if status != "ok" else None,
+    }
+
+
+def _reopen(state: RunState, stage: str, done: pa.Table, config: dict[str, Any]) -> None:
+    """Commit a finished stage's results, less what is to be redone, as its checkpoint; mark it running."""
+    info = state.stages()[stage]
+    checkpoint = StageCheckpoint(state.out, stage, info["fingerprint"])
+    for part in checkpoint.parts():
+        checkpoint.fs.rm(part)
+    checkpoint.commit(done)
+    manifest.update_run_json(state.out, config, stage, {**info, "status": "running"})

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import RecapConfig, Resources
-from pipeline.errors import StageInputError
+from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.progress import StageProgress
 from pipeline.resume import (
@@ -28,10 +28,11 @@ from pipeline.resume import (
     StageCheckpoint,
     fingerprint,
     missing_outputs,
+    reopen_rejected,
     seed_encode_checkpoint,
     stage_settings,
 )
-from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, VideoStatus
+from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
 from pipeline.stages.ingest import IngestStage, mark_duplicates
 from pipeline.stages.split import (
     SPLIT_RESULT_SCHEMA,
@@ -100,6 +101,15 @@ class RaySession:
         ctx = ray.data.DataContext.get_current()
         # recap prints its own per-stage progress; Ray's bars (or INFO blocks off a terminal) are noise.
         ctx.enable_progress_bars = False
+        # A decoding process that cannot start is the worker's trouble, not the batch's: Ray runs the batch
+        # again before the run gives up (DecoderUnavailable at the driver).
+        retried = ctx.retried_map_errors
+        if retried is not True:
+            retried = list(retried or [])
+            if DecoderUnavailable.MARKER not in retried:
+                retried.append(DecoderUnavailable.MARKER)
+            ctx.retried_map_errors = retried
+        ctx.max_map_retries = max(ctx.max_map_retries, self.config.isolation.infrastructure_retries)
         for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
             logging.getLogger(name).setLevel(logging.ERROR)
         return self
@@ -112,6 +122,26 @@ class RaySession:
 
             ray.shutdown()
             stop_reaper(self._reaper)
+
+
+def _infrastructure_failure(exc: BaseException) -> DecoderUnavailable | None:
+    """The DecoderUnavailable a stage actor raised, found in the error Ray Data reports (it keeps only text)."""
+    import re
+
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        if isinstance(current, DecoderUnavailable) and type(current) is DecoderUnavailable:
+            return current
+        seen.append(current)
+        found = re.search(
+            r"DecoderUnavailable: (.*?)(?:\n\nThe above exception|\nFailed to apply UDF|\Z)", str(current), re.S
+        )
+        if found:
+            return DecoderUnavailable(found.group(1).strip())
+        nxt = getattr(current, "cause", None)
+        current = nxt if isinstance(nxt, BaseException) else (current.__cause__ or current.__context__)
+    return None
 
 
 def _map_stage(
@@ -333,6 +363,27 @@ def _encode_meta(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k not in bookkeeping and k != "repaired"}
 
 
+DECODER_FAILURES = (RejectReason.DECODER_CRASH.value, RejectReason.DECODE_TIMEOUT.value)
+
+
+def decoder_failure_alarm(config: RecapConfig, output: str) -> str | None:
+    """One loud line when more than `isolation.max_decoder_failure_share` of the inputs were rejected for a
+    crashed or hung decoder: that many is a sick worker or machine far more often than bad files."""
+    if not manifest.table_exists(output, "videos"):
+        return None
+    reasons = manifest.read_table(output, "videos", columns=["reject_reason"]).column(0).to_pylist()
+    failed = sum(r in DECODER_FAILURES for r in reasons)
+    share = failed / len(reasons) if reasons else 0.0
+    if share <= config.isolation.max_decoder_failure_share:
+        return None
+    return (
+        f"RECAP RUN UNHEALTHY: {failed:,} of {len(reasons):,} input videos ({share:.0%}) were rejected "
+        f"decoder_crash/decode_timeout, more than isolation.max_decoder_failure_share="
+        f"{config.isolation.max_decoder_failure_share}. Check the workers (memory, install), then re-process them "
+        f"with --retry-rejected {','.join(DECODER_FAILURES)}"
+    )
+
+
 def resolve_stages(stages: list[str] | None) -> list[str]:
     if not stages:
         return list(AVAILABLE_STAGES)
@@ -353,18 +404,22 @@ def run_pipeline(
     address: str | None = None,
     dry_run: bool = False,
     force: bool = False,
+    retry_rejected: list[str] | None = None,
 ) -> list[StageResult]:
     """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing).
 
     Re-running resumes: a stage finished with the same settings is skipped, an interrupted one continues from
     its committed work; a stage that ran with other settings is refused (ConfigChanged) unless `force`.
+    `retry_rejected`: reject reasons (e.g. decoder_crash) whose videos are processed again, and only those.
     """
     chosen = resolve_stages(stages)
+    if retry_rejected and "ingest" not in chosen:
+        raise ValueError("--retry-rejected re-processes videos from the ingest stage on: include it in --stages")
     uris: list[str] | None = None
+    skipped: dict[str, int] = {}  # files the extension filter left out, by reason
     if "ingest" in chosen:
         if not inputs:
             raise ValueError("the ingest stage needs --input (files, directories, globs or URIs)")
-        skipped: dict[str, int] = {}
         uris = discover_inputs(inputs, config.ingest.extensions, skipped)  # fail on a bad input before Ray starts
     elif "split" in chosen and not manifest.table_exists(output, "videos"):
         raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
@@ -372,6 +427,14 @@ def run_pipeline(
         raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
     for repaired in manifest.recover_tables(output):
         log.warning("recap: %s", repaired)
+    if retry_rejected:
+        again = reopen_rejected(output, retry_rejected, config.to_dict())
+        log.warning(
+            "recap: --retry-rejected %s: %d video(s) to probe again, %d to split again",
+            ",".join(retry_rejected),
+            again.get("ingest", 0),
+            again.get("split", 0),
+        )
     state = RunState(output)
     plan = []
     for stage in chosen:  # decide every stage before any work: a refused config change costs nothing
@@ -420,16 +483,16 @@ def run_pipeline(
             if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
                 seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
             state.start(stage, fp, settings, cfg_dict)
-            if stage == "ingest":
-                result = run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint, skipped=skipped)
-            elif stage == "split":
-                result = run_split(config, output, checkpoint=checkpoint)
-            elif stage == "filter":
-                result = run_filter(config, output, checkpoint=checkpoint)
-            elif stage == "caption":
-                result = run_caption(config, output, checkpoint=checkpoint)
-            else:
-                result = run_encode(config, output, checkpoint=checkpoint)
+            try:
+                result = _run_stage(stage, config, output, inputs, uris, checkpoint, skipped)
+            except Exception as exc:
+                failure = _infrastructure_failure(exc)
+                if failure is None:
+                    raise
+                raise DecoderUnavailable(
+                    f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
+                    "(install, runtime env, memory) and re-run the same command to resume"
+                ) from None
             info = {
                 "seconds": result.seconds,
                 "counts": result.counts,
@@ -442,6 +505,26 @@ def run_pipeline(
             checkpoint.clear()
             results.append(result)
     return results
+
+
+def _run_stage(
+    stage: str,
+    config: RecapConfig,
+    output: str,
+    inputs: list[str] | None,
+    uris: list[str] | None,
+    checkpoint: StageCheckpoint,
+    skipped: dict[str, int] | None = None,
+) -> StageResult:
+    if stage == "ingest":
+        return run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint, skipped=skipped)
+    if stage == "split":
+        return run_split(config, output, checkpoint=checkpoint)
+    if stage == "filter":
+        return run_filter(config, output, checkpoint=checkpoint)
+    if stage == "caption":
+        return run_caption(config, output, checkpoint=checkpoint)
+    return run_encode(config, output, checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------

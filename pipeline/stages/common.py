@@ -24,6 +24,7 @@ def call_rejectable(target: str, *args: Any, **kwargs: Any) -> Any:
     """Child-side wrapper: a VideoRejected becomes a value, not an error, so its code survives."""
     from pipeline.video.decode import VideoRejected
 
+    faults.decoder_job(target, args)
     module_name, func_name = target.rsplit(":", 1)
     func = getattr(importlib.import_module(module_name), func_name)
     try:
@@ -62,16 +63,28 @@ class IsolatedStage:
         if self._worker is None:
             iso = self.config.isolation
             self._worker = IsolatedWorker(
-                stall_timeout_s=iso.stall_timeout_s, max_jobs_per_child=iso.max_jobs_per_child
+                stall_timeout_s=iso.stall_timeout_s,
+                max_jobs_per_child=iso.max_jobs_per_child,
+                start_timeout_s=iso.start_timeout_s,
+                start_attempts=iso.start_attempts,
             )
         return self._worker
 
     def run_isolated(self, target: str, *args: Any) -> JobOutcome:
+        """Run one file's job in the child. A crash is retried once in a fresh child (nothing else running in
+        it) before it counts against the file; a child that cannot start raises DecoderUnavailable."""
         outcome = JobOutcome("error")
-        for _attempt in range(self.config.isolation.max_attempts):
-            outcome = self.worker.run("pipeline.stages.common:call_rejectable", target, *args)
+        attempts = self.config.isolation.max_attempts
+        attempt = 0
+        while True:
+            outcome = self.worker.run("pipeline.stages.common:call_rejectable", target, *args, fresh=attempt > 0)
+            attempt += 1
             if outcome.status in ("ok", "error"):
+                return outcome
+            if attempt >= attempts and not (outcome.status == "crash" and attempt < 2):
                 break
+        if attempt > 1:
+            outcome.message += f" (on each of {attempt} attempts, each in a fresh process)"
         return outcome
 
     @staticmethod
