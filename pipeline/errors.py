@@ -21,3 +21,11 @@ class StorageError(OSError):
         if not found:
             return cls(message)
         return cls(int(found.group(1)), found.group(2), found.group(3))
+
+
+class LeaseHeld(RuntimeError):
+    """Another writer holds the corpus's writer lease: refused before anything is touched (exit 4)."""
+
+
+class LeaseLost(RuntimeError):
+    """A running writer's lease was taken over (it was judged dead): it stops before writing more (exit 4)."""
