@@ -52,6 +52,14 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace ('pid:[4026531836]'): containers sharing a hostname do not share pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def holder(record: dict[str, Any]) -> str:
     """'host h, pid 123, `recap run ...` (last heartbeat 3 s ago)': who holds a lease."""
     age = _now() - float(record.get("heartbeat", 0))
@@ -67,9 +75,10 @@ def holder_line(out: str, record: dict[str, Any]) -> str:
 
 
 def stale_reason(record: dict[str, Any], timeout_s: float) -> str | None:
-    """Why a lease's holder is dead (None while it may be alive): pid gone on this host, or heartbeat too old."""
+    """Why a lease's holder is dead (None while it may be alive): pid gone on this host (and pid namespace: a
+    container sharing the host's name has pids of its own), or heartbeat older than `timeout_s`."""
     age = _now() - float(record.get("heartbeat", 0))
-    if record.get("host") == socket.gethostname():
+    if record.get("host") == socket.gethostname() and record.get("pid_namespace") == _pid_namespace():
         pid = int(record.get("pid", -1))
         started = _process_start(pid) if pid > 0 else None
         # A pid reused by a later process is gone too: it started after the lease's holder did.
@@ -126,8 +135,18 @@ class WriterLease:
             return None
         try:
             return json.loads(raw)
-        except ValueError:  # a record being written this instant: its writer is alive
-            return {"host": "?", "pid": "?", "command": "?", "started": _now(), "heartbeat": _now()}
+        except ValueError:  # being written this instant, or its writer died mid-write: the file's age decides
+            try:
+                written = self.fs.modified(self.path).timestamp()
+            except (FileNotFoundError, NotImplementedError):
+                written = _now()
+            return {
+                "host": "?",
+                "pid": "?",
+                "command": "? (unreadable lease)",
+                "started": written,
+                "heartbeat": written,
+            }
 
     # -- taking and giving back ---------------------------------------------------------------------
 
@@ -151,6 +170,7 @@ class WriterLease:
                 if not self._create():  # another writer won the race for a free or stale lease
                     held = self.read() or {}
                     raise LeaseHeld(f"{holder_line(self.out, held)}; wait for it, or pass --break-lease if it is dead")
+            self._remove_dead_heartbeat_files()
         self._thread = threading.Thread(target=self._beat, name="recap-lease-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -162,6 +182,7 @@ class WriterLease:
             "host": socket.gethostname(),
             "pid": pid,
             "process_start": _process_start(pid),
+            "pid_namespace": _pid_namespace(),
             "command": self.command,
             "started": self.record.get("started", now),
             "started_utc": _utc(self.record.get("started", now), "%Y-%m-%dT%H:%M:%SZ"),
@@ -178,6 +199,15 @@ class WriterLease:
         except FileExistsError:
             return False
         return True
+
+    def _remove_dead_heartbeat_files(self) -> None:
+        """A holder killed while renewing leaves its heartbeat's temporary file behind; the lease is ours now."""
+        folder = self.path.rsplit("/", 1)[0]
+        for path in self.fs.ls(folder, detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("._lease-") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
 
     @contextlib.contextmanager
     def _serialised(self) -> Iterator[None]:

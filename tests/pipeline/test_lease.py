@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,28 @@ def test_a_writer_whose_lease_was_taken_over_stops_and_leaves_the_new_one(tmp_pa
     second.release()
     assert _lease(Path(out)) is None
     assert not [p.name for p in (tmp_path / "corpus" / "manifest").iterdir()]  # no heartbeat temporaries left
+
+
+def test_a_holder_on_another_host_is_judged_by_its_heartbeat_only(tmp_path):
+    out = tmp_path / "corpus"
+    (out / "manifest").mkdir(parents=True)
+    record = {"host": "other-host", "pid": 4_000_000, "command": "recap encode --output X", "started": time.time()}
+    Path(lease_path(str(out))).write_text(json.dumps({**record, "heartbeat": time.time() - 5}))
+    (out / "manifest" / "._lease-0badf00d.tmp").write_text("{")  # a heartbeat a kill interrupted
+    with pytest.raises(LeaseHeld, match=r"host other-host, pid 4000000, `recap encode --output X`"):
+        WriterLease(str(out), "recap run", timeout_s=60).acquire()  # no such pid here, but it is not from here
+    Path(lease_path(str(out))).write_text(json.dumps({**record, "heartbeat": time.time() - 200}))
+    lease = WriterLease(str(out), "recap run", timeout_s=60).acquire()
+    assert re.search(r"\(its heartbeat is 20\d s old \(lease.timeout_s=60\)\): host other-host", lease.taken_over)
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == ["_lease.json"]
+    lease.release()
+    # A holder killed while creating its lease leaves an unreadable record: the file's age stands for its heartbeat.
+    Path(lease_path(str(out))).write_text('{"host": "h')
+    with pytest.raises(LeaseHeld, match="unreadable lease"):
+        WriterLease(str(out), "recap run", timeout_s=60).acquire()
+    os.utime(lease_path(str(out)), (time.time() - 500, time.time() - 500))
+    WriterLease(str(out), "recap run", timeout_s=60).acquire().release()
+    assert not list((out / "manifest").iterdir())
 
 
 def test_lease_timings_are_checked_at_load():
