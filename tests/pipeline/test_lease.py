@@ -191,3 +191,31 @@ def test_heartbeats_keep_a_live_writers_lease_fresh(tmp_path):
         time.sleep(0.05)
     assert _lease(Path(out))["heartbeat"] > first and _lease(Path(out))["pid"] == os.getpid()
     lease.release()
+
+
+def test_a_reader_never_sees_half_a_swap(tmp_path):
+    """A reader arriving between the two renames of a writer's table swap waits for the new copy."""
+    import threading
+
+    import pyarrow as pa
+
+    from pipeline import manifest
+    from pipeline.schema import REJECTS_SCHEMA
+
+    out = str(tmp_path)
+    row = {"stage": "split", "item_id": "a", "uri": "u", "reason": "too_short", "detail": "d"}
+    manifest.write_table(out, "rejects", pa.Table.from_pylist([row], schema=REJECTS_SCHEMA), prefix="split")
+    writer = manifest.TableWriter(out, "rejects", "split", schema=REJECTS_SCHEMA)
+    writer.write_rows([row, {**row, "item_id": "b"}])
+    writer._flush()
+    writer.fs.pipe_file(f"{writer.staging}/{manifest.COMPLETE}", b"")
+    aside = f"{writer.table}/.split.old-test"
+    writer.fs.mv(writer.final, aside, recursive=True)  # the writer is between its two renames
+    seen: list[list[str]] = []
+    reader = threading.Thread(target=lambda: seen.append(manifest.read_table(out, "rejects").column(1).to_pylist()))
+    reader.start()
+    reader.join(0.2)  # the reader finds the swap in flight and waits; then the writer finishes it
+    writer.fs.mv(writer.staging, writer.final, recursive=True)
+    writer.fs.rm(aside, recursive=True)
+    reader.join()
+    assert seen == [["a", "b"]]  # the new copy, never the table without its split part
