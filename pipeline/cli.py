@@ -6,10 +6,13 @@ Heavy modules (Ray, PyAV, torch) are imported inside the handlers so `recap --he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -32,6 +35,11 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-run stages that already ran with other settings (later stages are marked for re-running); "
         "without it a changed config is refused and a re-run resumes where the last one stopped",
+    )
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take OUT's writer lease even though another run holds it (only when that run is dead)",
     )
 
 
@@ -194,20 +202,42 @@ def _health(config: Any, output: str) -> int:
     return config.isolation.decoder_failure_exit_code
 
 
+@contextlib.contextmanager
+def _writer_lease(args: argparse.Namespace, config: Any) -> Iterator[Any]:
+    """Hold OUT's writer lease for this command: refused (LeaseHeld, exit 4) while another run holds it."""
+    import shlex
+
+    from pipeline.lease import WriterLease
+
+    lease = WriterLease(
+        args.output,
+        "recap " + shlex.join(args.argv),
+        timeout_s=config.lease.timeout_s,
+        heartbeat_s=config.lease.heartbeat_s,
+        break_lease=args.break_lease,
+    )
+    with lease:
+        if lease.taken_over:
+            print(f"recap: {lease.taken_over}", file=sys.stderr)
+        yield lease
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
-    results = run_pipeline(
-        config,
-        args.output,
-        inputs=args.input,
-        stages=args.stages,
-        address=args.address,
-        force=args.force,
-        retry_rejected=args.retry_rejected,
-    )
-    _print_summary(results, args.output)
+    with _writer_lease(args, config) as lease:
+        results = run_pipeline(
+            config,
+            args.output,
+            inputs=args.input,
+            stages=args.stages,
+            address=args.address,
+            force=args.force,
+            retry_rejected=args.retry_rejected,
+            lease=lease,
+        )
+        _print_summary(results, args.output)
     return _health(config, args.output)
 
 
@@ -216,10 +246,17 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     config = _load(args)
     inputs = getattr(args, "input", None)
-    results = run_pipeline(
-        config, args.output, inputs=inputs, stages=[args.command], address=args.address, force=args.force
-    )
-    _print_summary(results, args.output)
+    with _writer_lease(args, config) as lease:
+        results = run_pipeline(
+            config,
+            args.output,
+            inputs=inputs,
+            stages=[args.command],
+            address=args.address,
+            force=args.force,
+            lease=lease,
+        )
+        _print_summary(results, args.output)
     return _health(config, args.output)
 
 
@@ -227,12 +264,15 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     from pipeline.runner import run_pipeline
 
     config = _load(args)
-    results = run_pipeline(
-        config, args.output, stages=["filter"], address=args.address, dry_run=args.dry_run, force=args.force
-    )
     if not args.dry_run:
-        _print_summary(results, args.output)
+        with _writer_lease(args, config) as lease:
+            results = run_pipeline(
+                config, args.output, stages=["filter"], address=args.address, force=args.force, lease=lease
+            )
+            _print_summary(results, args.output)
         return 0
+    # A dry run writes nothing to OUT: a reader, it takes no lease and runs beside a writer.
+    results = run_pipeline(config, args.output, stages=["filter"], address=args.address, dry_run=True)
     result = results[0]
     considered = result.counts["considered"]
     print(f"\nfilter --dry-run on {args.output}: {result.counts['clips']} clips, {considered} not already rejected")
@@ -379,13 +419,14 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     config = _load(args)
     inputs = args.input
-    if not inputs:
-        sample_dir = os.path.join(args.output, "samples")
-        generate_samples(sample_dir)
-        print(f"sample videos in {sample_dir} (generated where missing)")
-        inputs = [sample_dir]
-    results = run_pipeline(config, args.output, inputs=inputs, address=args.address)
-    _print_summary(results, args.output)
+    with _writer_lease(args, config) as lease:  # the sample videos are written into OUT too
+        if not inputs:
+            sample_dir = os.path.join(args.output, "samples")
+            generate_samples(sample_dir)
+            print(f"sample videos in {sample_dir} (generated where missing)")
+            inputs = [sample_dir]
+        results = run_pipeline(config, args.output, inputs=inputs, address=args.address, lease=lease)
+        _print_summary(results, args.output)
     print(f"  tables: {args.output.rstrip('/')}/manifest/{{videos,clips,captions,rejects}} (Parquet)")
     return 0
 
@@ -427,20 +468,35 @@ _HANDLERS = {
 
 # Storage failures stop a run with a message (not a traceback); committed work stays for a resume.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# Another writer holds OUT: not an error in the data or the storage; wait, or --break-lease if it is dead.
+EXIT_LEASE_HELD = 4  # another writer holds OUT (or took this run's lease over)
+EXIT_WORKER_BROKEN = 6  # the decoding process cannot start on a worker: nothing rejected, resumable
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # `kill`, a Ray job stop or an orchestrator's timeout: unwind like Ctrl-C, so the writer lease is given back.
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from pipeline.config import ConfigError
-    from pipeline.errors import DecoderUnavailable, StageInputError
+    from pipeline.errors import DecoderUnavailable, LeaseHeld, LeaseLost, StageInputError
     from pipeline.io.sources import InputError
 
+    writer = getattr(args, "break_lease", None) is not None and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if writer else None
     try:
         handler = getattr(args, "handler", None) or _HANDLERS[args.command]
         return handler(args)
     except (ConfigError, InputError, StageInputError) as exc:
         print(f"recap: error: {exc}", file=sys.stderr)
         return 2
+    except (LeaseHeld, LeaseLost) as exc:
+        print(f"recap: {exc}", file=sys.stderr)
+        return EXIT_LEASE_HELD
     except ValueError as exc:
         if any(flag in str(exc) for flag in ("--stages", "--input", "--retry-rejected")):
             print(f"recap: error: {exc}", file=sys.stderr)
@@ -448,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except DecoderUnavailable as exc:  # a broken worker, not bad files: nothing was rejected for it
         print(f"recap: error: {exc}", file=sys.stderr)
-        return 4
+        return EXIT_WORKER_BROKEN
     except KeyboardInterrupt:
         print("recap: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -464,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    finally:
+        if writer:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

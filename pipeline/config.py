@@ -51,6 +51,24 @@ class RayConfig(_Section):
         return value
 
 
+class LeaseConfig(_Section):
+    """The writer lease on OUT (manifest/_lease.json): one writing command per corpus at a time."""
+
+    timeout_s: float = Field(
+        120.0, gt=0, description="a lease whose heartbeat is older than this is stale: the next writer takes it over"
+    )
+    heartbeat_s: float = Field(10.0, gt=0, description="seconds between heartbeats of the lease's holder")
+
+    @model_validator(mode="after")
+    def _beats_within_timeout(self) -> LeaseConfig:
+        if self.heartbeat_s * 2 > self.timeout_s:
+            raise ValueError(
+                f"lease.heartbeat_s={self.heartbeat_s:g} must be at most half of lease.timeout_s={self.timeout_s:g}, "
+                "or a live writer's lease looks stale between two heartbeats"
+            )
+        return self
+
+
 class IsolationConfig(_Section):
     """Decoding runs in a child process per worker so a crashing or hanging decoder costs one file."""
 
@@ -388,6 +406,7 @@ class RecapConfig(_Section):
     """The whole run: one section per stage plus Ray and isolation settings."""
 
     ray: RayConfig = Field(default_factory=RayConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)

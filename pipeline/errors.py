@@ -31,7 +31,15 @@ class StorageError(OSError):
 class DecoderUnavailable(RuntimeError):
     """The isolated decoding process could not start or died before its first heartbeat: the worker's fault.
 
-    Raised from the stage (never a reject of the video); a run stops on it (exit 4) with its videos unprocessed,
+    Raised from the stage (never a reject of the video); a run stops on it (exit 6) with its videos unprocessed,
     so a re-run resumes them."""
 
     MARKER = "the decoding process could not start"  # every message starts with it (Ray retries on it)
+
+
+class LeaseHeld(RuntimeError):
+    """Another writer holds the corpus's writer lease: refused before anything is touched (exit 4)."""
+
+
+class LeaseLost(RuntimeError):
+    """A running writer's lease was taken over (it was judged dead): it stops before writing more (exit 4)."""

@@ -35,7 +35,11 @@ class CommandFailed(RuntimeError):
         self.status = status
         self.tail = list(tail)
         lines = "\n".join(f"  | {line}" for line in self.tail) or "  | (no output)"
-        super().__init__(f"{what} ended {status}; last {len(self.tail)} log lines:\n{lines}")
+        # Refused because another recap (an earlier try still alive) holds the corpus: say who, up front.
+        busy = [line for line in self.tail if "another recap run holds" in line]
+        self.holder = busy[-1].removeprefix("recap: ") if busy else None
+        headline = f"{what} ended {status}" + (f": {self.holder}" if self.holder else "")
+        super().__init__(f"{headline}; last {len(self.tail)} log lines:\n{lines}")
 
 
 def _echo(line: str) -> None:

@@ -203,8 +203,40 @@ def table_exists(out: str, name: str) -> bool:
     return fs.exists(path) and any(p.endswith(".parquet") and _visible(p, path) for p in fs.find(path))
 
 
+def _swapping(fs: Any, path: str) -> bool:
+    """Whether a swap of table `path` (or of one of its prefixes) is between its renames right now: an old copy
+    set aside (`.X.old-*`) or a whole new one not yet in place (`.X.new-*` holding _COMPLETE)."""
+    parent, base = path.rsplit("/", 1)
+    entries = [e for e in fs.ls(parent, detail=False) if e.rsplit("/", 1)[-1].startswith(f".{base}.")]
+    if fs.exists(path):
+        entries += [e for e in fs.ls(path, detail=False) if e.rsplit("/", 1)[-1].startswith(".")]
+    return any(".old-" in e or (".new-" in e and fs.exists(f"{e}/{COMPLETE}")) for e in entries)
+
+
+SETTLE_S = 2.0  # how long a reader waits for a swap in flight before it reads anyway (a crashed swap's leftovers)
+
+
 def read_table(out: str, name: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:  # noqa: A002
-    """The whole table (or an empty one of the right schema when the stage has not run)."""
+    """The whole table (or an empty one of the right schema when the stage has not run).
+
+    Never half a swap: a reader that finds a table (or one of its stage prefixes) between the renames of a
+    concurrent writer's swap waits for it to end (at most SETTLE_S), and reads again if files vanished under it."""
+    import time
+
+    fs, path = _fs(table_dir(out, name))
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            busy = fs.exists(path.rsplit("/", 1)[0]) and _swapping(fs, path)
+            if not busy or time.monotonic() > deadline:
+                return _read_table_now(out, name, columns, filter)
+        except FileNotFoundError:  # a file listed a moment ago was swapped out: read the new copy
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+def _read_table_now(out: str, name: str, columns: list[str] | None, filter: Any) -> pa.Table:  # noqa: A002
     if not table_exists(out, name):
         table = SCHEMAS[name].empty_table()
         return table.select(columns) if columns else table

@@ -7,6 +7,7 @@ results arrive, and prints progress. Stage logic itself lives in `pipeline.stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pipeline import manifest
 from pipeline.config import RecapConfig, Resources
 from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.io.sources import discover_inputs
+from pipeline.lease import WriterLease
 from pipeline.progress import StageProgress
 from pipeline.resume import (
     UPSTREAM,
@@ -405,8 +407,12 @@ def run_pipeline(
     dry_run: bool = False,
     force: bool = False,
     retry_rejected: list[str] | None = None,
+    lease: WriterLease | None = None,
 ) -> list[StageResult]:
     """Run the chosen stages in order on Ray and return what each did (`dry_run`: filter writes nothing).
+
+    Writes happen under the corpus's writer lease: `lease`, the caller's (the CLI takes it before anything else),
+    or one taken here; LeaseHeld when another writer holds it.
 
     Re-running resumes: a stage finished with the same settings is skipped, an interrupted one continues from
     its committed work; a stage that ran with other settings is refused (ConfigChanged) unless `force`.
@@ -425,86 +431,107 @@ def run_pipeline(
         raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
     elif chosen[0] == "filter" and not manifest.table_exists(output, "clips"):
         raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
-    for repaired in manifest.recover_tables(output):
-        log.warning("recap: %s", repaired)
-    if retry_rejected:
-        again = reopen_rejected(output, retry_rejected, config.to_dict())
-        log.warning(
-            "recap: --retry-rejected %s: %d video(s) to probe again, %d to split again",
-            ",".join(retry_rejected),
-            again.get("ingest", 0),
-            again.get("split", 0),
+    # Everything from here writes OUT (a dry run writes nothing): under the corpus's writer lease.
+    if dry_run:
+        taken: Any = contextlib.nullcontext(None)
+    elif lease is not None:
+        taken = contextlib.nullcontext(lease)
+    else:
+        taken = WriterLease(
+            output,
+            f"python: run_pipeline(stages={','.join(chosen)})",
+            timeout_s=config.lease.timeout_s,
+            heartbeat_s=config.lease.heartbeat_s,
         )
-    state = RunState(output)
-    plan = []
-    for stage in chosen:  # decide every stage before any work: a refused config change costs nothing
-        settings = stage_settings(config, stage)
-        upstream = UPSTREAM[stage]
-        # A stage run earlier in this command changes its fingerprint: resolved again when the stage starts.
-        upstream_fp = None if upstream in chosen else state.fingerprint_of(upstream)
-        if not (dry_run and stage == "filter") and upstream not in chosen:
-            state.decide(
-                stage, fingerprint(settings, upstream_fp, uris if stage == "ingest" else None), settings, force, uris
+    with taken as held:
+        if held is not None and held.taken_over and lease is None:
+            log.warning("recap: %s", held.taken_over)
+        for repaired in manifest.recover_tables(output):
+            log.warning("recap: %s", repaired)
+        if retry_rejected:
+            again = reopen_rejected(output, retry_rejected, config.to_dict())
+            log.warning(
+                "recap: --retry-rejected %s: %d video(s) to probe again, %d to split again",
+                ",".join(retry_rejected),
+                again.get("ingest", 0),
+                again.get("split", 0),
             )
-        plan.append((stage, settings))
-    results: list[StageResult] = []
-    cfg_dict = config.to_dict()
-    with RaySession(config, address):
-        for stage, settings in plan:
-            if dry_run and stage == "filter":
-                results.append(run_filter(config, output, dry_run=True))
-                continue
-            fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
-            action = state.decide(stage, fp, settings, force, uris)
-            repaired = None
-            if action == "skip":
-                previous = state.stages()[stage]
-                gone = missing_outputs(output, stage)
-                if not gone:
-                    results.append(
-                        StageResult(
-                            stage,
-                            0.0,
-                            counts=previous.get("counts", {}),
-                            rejects_by_reason=previous.get("rejects_by_reason", {}),
-                            skipped=True,
-                        )
-                    )
+        state = RunState(output)
+        plan = []
+        for stage in chosen:  # decide every stage before any work: a refused config change costs nothing
+            settings = stage_settings(config, stage)
+            upstream = UPSTREAM[stage]
+            # A stage run earlier in this command changes its fingerprint: resolved again when the stage starts.
+            upstream_fp = None if upstream in chosen else state.fingerprint_of(upstream)
+            if not (dry_run and stage == "filter") and upstream not in chosen:
+                state.decide(
+                    stage,
+                    fingerprint(settings, upstream_fp, uris if stage == "ingest" else None),
+                    settings,
+                    force,
+                    uris,
+                )
+            plan.append((stage, settings))
+        results: list[StageResult] = []
+        cfg_dict = config.to_dict()
+        with RaySession(config, address):
+            for stage, settings in plan:
+                if dry_run and stage == "filter":
+                    results.append(run_filter(config, output, dry_run=True))
                     continue
-                log.warning(
-                    "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
-                )
-                action, repaired = (
-                    ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
-                )
-            if action == "run":
-                state.mark_stale_after(stage, cfg_dict)
-            checkpoint = StageCheckpoint(output, stage, fp)
-            if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
-                seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
-            state.start(stage, fp, settings, cfg_dict)
-            try:
-                result = _run_stage(stage, config, output, inputs, uris, checkpoint, skipped)
-            except Exception as exc:
-                failure = _infrastructure_failure(exc)
-                if failure is None:
-                    raise
-                raise DecoderUnavailable(
-                    f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
-                    "(install, runtime env, memory) and re-run the same command to resume"
-                ) from None
-            info = {
-                "seconds": result.seconds,
-                "counts": result.counts,
-                "rejects_by_reason": result.rejects_by_reason,
-                **result.info,
-            }
-            if repaired:
-                info["repaired"] = repaired
-            state.finish(stage, fp, settings, cfg_dict, info)
-            checkpoint.clear()
-            results.append(result)
-    return results
+                held.check()  # a writer judged dead (its lease taken over) stops before it writes more
+                fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
+                action = state.decide(stage, fp, settings, force, uris)
+                repaired = None
+                if action == "skip":
+                    previous = state.stages()[stage]
+                    gone = missing_outputs(output, stage)
+                    if not gone:
+                        results.append(
+                            StageResult(
+                                stage,
+                                0.0,
+                                counts=previous.get("counts", {}),
+                                rejects_by_reason=previous.get("rejects_by_reason", {}),
+                                skipped=True,
+                            )
+                        )
+                        continue
+                    log.warning(
+                        "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
+                    )
+                    action, repaired = (
+                        ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
+                    )
+                if action == "run":
+                    state.mark_stale_after(stage, cfg_dict)
+                checkpoint = StageCheckpoint(output, stage, fp)
+                if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
+                    seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
+                state.start(stage, fp, settings, cfg_dict)
+                try:
+                    result = _run_stage(stage, config, output, inputs, uris, checkpoint, skipped)
+                except Exception as exc:
+                    failure = _infrastructure_failure(exc)
+                    if failure is None:
+                        raise
+                    raise DecoderUnavailable(
+                        f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
+                        "(install, runtime env, memory) and re-run the same command to resume"
+                    ) from None
+                info = {
+                    "seconds": result.seconds,
+                    "counts": result.counts,
+                    "rejects_by_reason": result.rejects_by_reason,
+                    **result.info,
+                }
+                if repaired:
+                    info["repaired"] = repaired
+                held.check()
+                state.finish(stage, fp, settings, cfg_dict, info)
+                checkpoint.clear()
+                results.append(result)
+        return results
 
 
 def _run_stage(

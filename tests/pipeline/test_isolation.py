@@ -70,7 +70,7 @@ def test_a_broken_worker_stops_the_run_and_rejects_nothing(ray_session, sample_v
         "--output",
         str(out),
     ]
-    assert main(argv) == 4
+    assert main(argv) == 6
     err = capsys.readouterr().err
     assert "the ingest stage stopped" in err and "exited with code 1" in err and "child-start-fails" in err
     assert "no video was rejected" in err
