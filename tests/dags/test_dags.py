@@ -98,12 +98,9 @@ def test_dagbag_loads_both_dags_in_order_without_heavy_imports(airflow_env):
 
 
 @pytest.mark.slow
-def test_recaption_corpus_runs_end_to_end_locally(airflow_env, ray_session, sample_videos, tmp_path):
+def test_recaption_corpus_runs_end_to_end_locally(airflow_env, sample_videos, tmp_path):
     sample_dir, truth = sample_videos
     output = tmp_path / "corpus"
-    # Each task's `recap STAGE` connects to the test session's Ray (as it would to a cluster's) instead of
-    # starting a local Ray of its own: five Ray start-ups fewer.
-    airflow_env = {**airflow_env, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     for args in (["db", "migrate"], ["dags", "reserialize"]):
         proc = _airflow(args, airflow_env, timeout=180)
         assert proc.returncode == 0, f"airflow {' '.join(args)}:\n{proc.stderr[-3000:]}"
