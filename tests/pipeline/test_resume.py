@@ -64,15 +64,50 @@ def baseline(sample_corpora) -> Path:
     return sample_corpora["full"]
 
 
-def _recap_run(
-    out: Path, inputs: list[str], overrides: list[str], crash_at: str, tag: str = ""
-) -> subprocess.CompletedProcess:
+def _recap_argv(out: Path, inputs: list[str], overrides: list[str]) -> list[str]:
     argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.yaml", "--output", str(out)]
     for o in overrides:
         argv += ["--set", o]
+    return argv + ["--input", *inputs]
+
+
+def _recap_env(crash_at: str = "", tag: str = "") -> dict[str, str]:
     env = {**os.environ, "RECAP_CRASH_AT": crash_at, "RECAP_TEST_RUN_TAG": tag}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run(argv + ["--input", *inputs], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    return env
+
+
+def _recap_run(
+    out: Path, inputs: list[str], overrides: list[str], crash_at: str, tag: str = ""
+) -> subprocess.CompletedProcess:
+    argv, env = _recap_argv(out, inputs, overrides), _recap_env(crash_at, tag)
+    return subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+
+
+def _second_writer_is_refused(out: Path, inputs: list[str], overrides: list[str], tag: str) -> None:
+    """While one `recap run` holds OUT, the same command started again exits 4 naming the holder, touching nothing."""
+    import time
+
+    first = subprocess.Popen(
+        _recap_argv(out, inputs, overrides),
+        cwd=PROJECT_ROOT,
+        env=_recap_env("split:1", tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lease = out / "manifest" / "_lease.json"
+    deadline = time.monotonic() + 120
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lease.exists(), "the first run never took the writer lease"
+    second = subprocess.run(
+        _recap_argv(out, inputs, overrides), cwd=PROJECT_ROOT, env=_recap_env(), capture_output=True, text=True
+    )
+    assert second.returncode == 4, second.stderr[-3000:]
+    assert "another recap run holds" in second.stderr and f"pid {first.pid}" in second.stderr
+    _out, err = first.communicate(timeout=600)
+    assert first.returncode == -signal.SIGKILL, err[-3000:]
 
 
 def _processes_tagged(tag: str) -> list[str]:
@@ -96,8 +131,11 @@ def test_driver_killed_at_three_points_then_resumed(baseline, inputs, overrides,
     out = tmp_path / "crashed"
     for crash_at in ("split:1", "caption:1", "encode:1"):  # early, mid-caption, mid-shard-write
         tag = uuid.uuid4().hex
-        proc = _recap_run(out, inputs, overrides, crash_at, tag)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        if crash_at == "split:1":  # a second writer started meanwhile is refused; the killed one's lease is taken
+            _second_writer_is_refused(out, inputs, overrides, tag)
+        else:
+            proc = _recap_run(out, inputs, overrides, crash_at, tag)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         deadline = time.monotonic() + 20  # the local Ray the killed run started goes away with it
         while _processes_tagged(tag) and time.monotonic() < deadline:
             time.sleep(0.5)
