@@ -116,6 +116,11 @@ class LoopConfig(_Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="per-GPU peak bf16 TFLOP/s for MFU; null: looked up from the GPU name"
     )
+    assume_shared_run_dir: bool = Field(
+        False,
+        description="multi-node runs refuse a run directory on a local filesystem (each node would keep its own "
+        "RUN/); true: it is shared in a way the mount table does not show",
+    )
 
 
 class SampleConfig(_Section):

@@ -199,3 +199,55 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
         if key in name:
             return value
     return None
+
+
+# Filesystems whose paths every node of a cluster can share (network and cluster filesystems, FUSE mounts of
+# object stores). A run directory elsewhere is one machine's disk.
+SHARED_FS_TYPES = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "fuse",
+    "9p",
+)
+
+
+def filesystem_of(path: str | os.PathLike) -> str:
+    """The type of the filesystem holding `path` (its nearest existing parent), from the mount table."""
+    import psutil
+
+    target = os.path.realpath(path)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    best, fstype = "", "unknown"
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint.rstrip("/") or "/"
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/") or mount == "/"
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, part.fstype
+    return fstype
+
+
+def check_shared_run_dir(path: str | os.PathLike, nodes: int, assume_shared: bool = False) -> None:
+    """Every rank reads RUN/ for the latest checkpoint and writes its own state there: with ranks on several
+    nodes, RUN/ must be one shared directory, not each machine's own. Raises StageInputError naming the fix."""
+    from pipeline.errors import StageInputError
+
+    if nodes <= 1 or assume_shared:
+        return
+    fstype = filesystem_of(path)
+    if any(fstype.lower().startswith(kind) for kind in SHARED_FS_TYPES):
+        return
+    raise StageInputError(
+        f"the run directory {path} is on a {fstype} filesystem of this machine, but the training ranks run on "
+        f"{nodes} nodes: each would read and write its own copy of RUN/ (checkpoints, resume positions, metrics). "
+        "Put --output on a filesystem every node mounts at the same path (NFS, Lustre, GPFS, a FUSE mount of "
+        "object storage), or set train.assume_shared_run_dir: true if it is shared in a way recap cannot see"
+    )

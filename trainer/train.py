@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from trainer.distributed import (
     DistInfo,
     all_gather_objects,
     barrier,
+    check_shared_run_dir,
     cleanup,
     full_model_state,
     init_distributed,
@@ -159,6 +161,8 @@ class Trainer:
         self.cfg = config
         self.info = info
         self.run_dir = run_dir
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))  # torchrun: ranks on this node
+        check_shared_run_dir(run_dir, -(-info.world_size // max(1, local)), config.train.assume_shared_run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = config
         self.corpus: Corpus = open_corpus(data, cfg.data)
@@ -393,6 +397,8 @@ def run_ray(
     if not ray.is_initialized():
         ray.init(address=address)
     output = Path(output).absolute()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    check_shared_run_dir(output, min(nodes, num_workers), config.train.assume_shared_run_dir)
     output.mkdir(parents=True, exist_ok=True)
     data = [str(Path(d).absolute()) if Path(d).exists() else d for d in ([data] if isinstance(data, str) else data)]
     trainer = TorchTrainer(

@@ -76,3 +76,16 @@ def test_ray_train_two_workers(ray_session, overfit_corpus, make_config, metrics
     assert [r["step"] for r in metrics_of(tmp_path / "run")] == [1, 2]
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["step"] == 2 and len(ckpt["data"]["ranks"]) == 2
+
+
+def test_multi_node_runs_refuse_a_run_directory_on_one_machines_disk(tmp_path):
+    from pipeline.errors import StageInputError
+    from trainer.distributed import check_shared_run_dir, filesystem_of
+
+    check_shared_run_dir(tmp_path / "run", nodes=1)  # one node: any directory
+    with pytest.raises(
+        StageInputError, match=r"on a \S+ filesystem of this machine, but the training ranks run on 2 nodes"
+    ):
+        check_shared_run_dir(tmp_path / "run", nodes=2)
+    check_shared_run_dir(tmp_path / "run", nodes=2, assume_shared=True)
+    assert filesystem_of("/dev/shm") == "tmpfs"
