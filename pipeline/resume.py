@@ -139,8 +139,9 @@ class StageCheckpoint:
     with another fingerprint is discarded on open.
     """
 
-    def __init__(self, out: str, stage: str, fp: str):
+    def __init__(self, out: str, stage: str, fp: str, guard: Any = None):
         self.stage = stage
+        self.guard = guard  # called before every commit: the writer lease's check (a run judged dead stops)
         self.fs, self.dir = manifest._fs(f"{out.rstrip('/')}/manifest/_work/{stage}")
         marker = f"{self.dir}/fingerprint"
         if self.fs.exists(self.dir):
@@ -161,6 +162,8 @@ class StageCheckpoint:
     def commit(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
+        if self.guard is not None:
+            self.guard()
         name = f"part-{self._seq:06d}-{uuid.uuid4().hex[:6]}.parquet"
         tmp = f"{self.dir}/.{name}.tmp"
         with self.fs.open(tmp, "wb") as fh:

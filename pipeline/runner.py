@@ -505,7 +505,7 @@ def run_pipeline(
                     )
                 if action == "run":
                     state.mark_stale_after(stage, cfg_dict)
-                checkpoint = StageCheckpoint(output, stage, fp)
+                checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
                 if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
                     seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
                 state.start(stage, fp, settings, cfg_dict)

@@ -154,6 +154,23 @@ def test_a_writer_whose_lease_was_taken_over_stops_and_leaves_the_new_one(tmp_pa
     assert not [p.name for p in (tmp_path / "corpus" / "manifest").iterdir()]  # no heartbeat temporaries left
 
 
+def test_a_writer_whose_lease_was_taken_over_stops_at_its_next_commit(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.resume import StageCheckpoint
+
+    out = str(tmp_path / "corpus")
+    first = WriterLease(out, "recap run A", heartbeat_s=60).acquire()
+    mid_stage = StageCheckpoint(out, "split", "fp", guard=first.check)  # its stage is under way
+    mid_stage.commit(pa.table({"video_id": ["a"]}))
+    second = WriterLease(out, "recap run B", break_lease=True).acquire()
+    with pytest.raises(LeaseLost):
+        mid_stage.commit(pa.table({"video_id": ["b"]}))  # stops at the next commit, not at the stage's end
+    assert len(mid_stage.parts()) == 1
+    first.release()
+    second.release()
+
+
 def test_a_holder_on_another_host_is_judged_by_its_heartbeat_only(tmp_path):
     out = tmp_path / "corpus"
     (out / "manifest").mkdir(parents=True)
