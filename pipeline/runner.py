@@ -488,7 +488,7 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
     import ray.data
 
-    from pipeline.stages.filter import ClipModelStage, FilterScoreStage
+    from pipeline.stages.filter import ClipModelStage, FilterScoreStage, NsfwDetectStage, TextDetectStage
 
     videos = _videos_with_clips(output)
     expected = dict(zip(videos.column("video_id").to_pylist(), videos.column("num_clips").to_pylist(), strict=True))
@@ -503,6 +503,10 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     if todo.num_rows:
         ds = ray.data.from_arrow(todo.drop_columns(["num_clips"]), override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
+        if config.filter.text.enabled:
+            ds = _map_stage(ds, TextDetectStage, config.filter.text.resources, (config.to_dict(),))
+        if config.filter.nsfw.enabled:
+            ds = _map_stage(ds, NsfwDetectStage, config.filter.nsfw.resources, (config.to_dict(),))
         if config.filter.clip.model:
             ds = _map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

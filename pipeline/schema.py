@@ -72,8 +72,8 @@ SCORE_REJECT_REASONS: dict[str, tuple[RejectReason, RejectReason]] = {
     "nsfw": (RejectReason.NSFW, RejectReason.NSFW),
     "watermark": (RejectReason.WATERMARK, RejectReason.WATERMARK),
 }
-WEIGHTS_FREE_SCORES = ("motion", "frozen", "cut_inside", "sharpness", "brightness", "clipped", "black", "text")
-MODEL_SCORES = ("aesthetic", "nsfw", "watermark")
+WEIGHTS_FREE_SCORES = ("motion", "frozen", "cut_inside", "sharpness", "brightness", "clipped", "black")
+MODEL_SCORES = ("text", "aesthetic", "nsfw", "watermark")
 
 
 class VideoStatus(enum.StrEnum):
@@ -111,7 +111,10 @@ VIDEOS_SCHEMA = pa.schema(
         ("num_frames_exact", pa.bool_()),  # False: counted from packets, not decoded
         ("rotation", pa.int32()),
         ("video_stream", pa.int32()),  # container index of the video stream every stage reads (the first one)
-        ("video_streams", pa.int32()),  # how many video streams the file has  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
+        (
+            "video_streams",
+            pa.int32(),
+        ),  # how many video streams the file has  # degrees clockwise frames are turned to stand as players show them (0/90/180/270)
     ]
 )
 
@@ -143,6 +146,7 @@ FILTER_FIELDS = [pa.field(f"score_{name}", pa.float64()) for name in WEIGHTS_FRE
     pa.field("camera_motion", pa.string()),
     pa.field("phashes", pa.list_(pa.int64())),  # 64-bit pHash of each sampled frame
     pa.field("clip_embedding", pa.list_(pa.float32())),  # mean CLIP image embedding, unit norm
+    pa.field("text_ocr", pa.string()),  # on-screen text recognised by PP-OCRv6 (filter.text.recognize)
     pa.field("filter_reasons", pa.list_(pa.string())),  # every failed threshold, not only the first
     pa.field("near_duplicate_of", pa.string()),
     pa.field("filter_detail", pa.string()),

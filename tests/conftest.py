@@ -171,6 +171,45 @@ def derived_clips(videos_dir, tmp_path_factory) -> Path:
     return root
 
 
+TEXT_SHOTS = {  # real shots without on-screen text: (video, first frame)
+    "bunny_a": ("big_buck_bunny_0_30.webm", 380),
+    "bunny_b": ("big_buck_bunny_0_30.webm", 286),
+    "bottle": ("bottle-detection.mp4", 100),
+    "kinetics": ("mmaction2_test.avi", 20),
+}
+
+
+def draw_text_lines(frame: np.ndarray, lines: list[str], height: int, bottom: int) -> np.ndarray:
+    """White text with a dark outline, centred, lines `height` px tall stacked upwards from `bottom`."""
+    import cv2
+
+    out = frame.copy()
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    thickness = max(2, height // 10)
+    scale = cv2.getFontScaleFromHeight(font, height, thickness)
+    for k, line in enumerate(reversed(lines)):
+        (tw, _th), _ = cv2.getTextSize(line, font, scale, thickness)
+        org = ((out.shape[1] - tw) // 2, bottom - k * int(height * 1.6))
+        cv2.putText(out, line, org, font, scale, (0, 0, 0), thickness + 3, cv2.LINE_AA)
+        cv2.putText(out, line, org, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_clips(videos_dir, tmp_path_factory) -> Path:
+    """Four real shots (640x360, 24 frames), each clean (`NAME-clean.mp4`), with two 22 px subtitle lines
+    (`NAME-subtitles.mp4`) and with a three-line 54 px title (`NAME-title.mp4`)."""
+    root = tmp_path_factory.mktemp("text_clips")
+    subtitles = ["I never thought we would get here,", "but here we are at last."]
+    title = ["THE LONG", "SUMMER", "PART TWO"]
+    for name, (video, start) in TEXT_SHOTS.items():
+        shot = _read_frames(str(videos_dir / video), start, start + 24)
+        write_frames(root / f"{name}-clean.mp4", shot)
+        write_frames(root / f"{name}-subtitles.mp4", [draw_text_lines(f, subtitles, 22, 330) for f in shot])
+        write_frames(root / f"{name}-title.mp4", [draw_text_lines(f, title, 54, 270) for f in shot])
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> dict:
     """A tiny randomly initialised open_clip model saved like real weights, plus a linear aesthetic head.

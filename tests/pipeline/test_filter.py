@@ -61,7 +61,7 @@ def test_reencoded_copy_is_a_near_duplicate_but_another_scene_is_not(filtered):
 def test_every_clip_has_every_score_and_rejects_match(filtered):
     out, clips, _results = filtered
     for clip in clips.values():
-        for name in WEIGHTS_FREE_SCORES:
+        for name in (*WEIGHTS_FREE_SCORES, "text", "nsfw"):  # smoke runs the OCR and NSFW detectors
             value = clip[f"score_{name}"]
             assert value is not None and not math.isnan(value), (clip["clip_id"], name)
         assert clip["camera_motion"] and len(clip["phashes"]) == 6
@@ -168,3 +168,72 @@ def test_clip_model_scores_every_clip_on_ray(ray_session, filtered, tiny_clip, t
     pair = sorted((clips["original"], clips["reencoded"]), key=lambda c: c["score_aesthetic"])
     assert pair[0]["filter_reasons"] == ["near_duplicate"] and pair[0]["near_duplicate_of"] == pair[1]["clip_id"]
     assert pair[1]["passed"] is True
+
+
+def _shots(text_clips: Path) -> list[str]:
+    shots = sorted(p.name.removesuffix("-clean.mp4") for p in text_clips.glob("*-clean.mp4"))
+    assert len(shots) == 4
+    return shots
+
+
+def _scored_with_frames(path: Path, cfg) -> dict:
+    """One clip over the whole file, scored in-process as the filter's CPU actors do (frames as JPEGs)."""
+    from pipeline.stages.filter import score_video_clips
+
+    clip = {"clip_id": path.stem, "start_frame": 0, "end_frame": 24}
+    scores = score_video_clips(str(path), [clip], cfg.filter.model_dump(mode="json"), 24.0, want_frames=True)[0]
+    return {**clip, **scores}
+
+
+def test_ocr_text_score_separates_drawn_text_from_clean_shots(text_clips):
+    """The PP-OCRv6 detector on real shots: subtitled and titled clips all score above every clean one; titles
+    (3 lines of 54 px) fail the default `text` threshold, clean shots and two subtitle lines do not."""
+    import pyarrow as pa
+
+    from pipeline.config import RecapConfig
+    from pipeline.schema import FILTERED_CLIPS_SCHEMA
+    from pipeline.stages.filter import SCORED_SCHEMA, TextDetectStage, decide
+
+    cfg = RecapConfig.model_validate(
+        {"filter": {"frames_per_clip": 4, "clip": {"model": None}, "text": {"frames": 2, "recognize": True}}}
+    )
+    shots = _shots(text_clips)
+    rows = [
+        _scored_with_frames(text_clips / f"{shot}-{kind}.mp4", cfg)
+        for shot in shots
+        for kind in ("clean", "subtitles", "title")
+    ]
+    batch = pa.Table.from_pylist(rows, schema=pa.schema([f for f in SCORED_SCHEMA if f.name in rows[0]]))
+    scored = {r["clip_id"]: r for r in TextDetectStage(cfg)(batch).to_pylist()}
+    assert TextDetectStage.output_schema.names[: len(FILTERED_CLIPS_SCHEMA)] == FILTERED_CLIPS_SCHEMA.names
+
+    def score(kind: str) -> list[float]:
+        return [scored[f"{shot}-{kind}"]["score_text"] for shot in shots]
+
+    clean, subtitles, titles = score("clean"), score("subtitles"), score("title")
+    assert min(subtitles + titles) > max(clean), (clean, subtitles, titles)
+    assert min(titles) > max(subtitles)
+    thresholds = cfg.filter.thresholds
+    for shot in shots:
+        assert "text_heavy" in decide(scored[f"{shot}-title"], thresholds)
+        assert "text_heavy" not in decide(scored[f"{shot}-clean"], thresholds)
+        assert "text_heavy" not in decide(scored[f"{shot}-subtitles"], thresholds)
+        # The recognised on-screen text (for captions that must not repeat it).
+        assert "SUMMER" in scored[f"{shot}-title"]["text_ocr"].upper()
+        assert not scored[f"{shot}-clean"]["text_ocr"]
+
+
+def test_nudenet_scores_real_shots_low(text_clips):
+    """NudeNet 320n, loaded from the wheel, on the sampled frames of real shots: nothing near the threshold."""
+    import pyarrow as pa
+
+    from pipeline.config import RecapConfig
+    from pipeline.stages.filter import SCORED_SCHEMA, NsfwDetectStage, decide
+
+    cfg = RecapConfig.model_validate({"filter": {"clip": {"model": None}, "text": {"enabled": False}}})
+    rows = [_scored_with_frames(text_clips / f"{shot}-clean.mp4", cfg) for shot in _shots(text_clips)]
+    assert all(len(r["frames_jpeg"]) == 8 for r in rows)
+    batch = pa.Table.from_pylist(rows, schema=pa.schema([f for f in SCORED_SCHEMA if f.name in rows[0]]))
+    for row in NsfwDetectStage(cfg)(batch).to_pylist():
+        assert 0.0 <= row["score_nsfw"] < 0.3, row["clip_id"]
+        assert "nsfw" not in decide(row, cfg.filter.thresholds)

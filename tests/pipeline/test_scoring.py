@@ -11,7 +11,8 @@ import pytest
 from pipeline.scoring.dedup import band_keys, clip_distance, hamming, phash64, resolve_duplicates
 from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import camera_motion_class, farneback, score_frozen, score_motion
-from pipeline.scoring.text import text_share
+from pipeline.scoring.nsfw import nsfw_score
+from pipeline.scoring.ocr import box_area_share
 from pipeline.stages.filter import decide, sample_positions
 
 
@@ -69,14 +70,34 @@ def test_quality_scores_follow_blur_and_exposure():
     assert score_quality([np.full((90, 160), 255, np.uint8)])["score_clipped"] == 1.0
 
 
-def test_text_share_sees_captions_not_texture():
-    frame = cv2.cvtColor(cv2.GaussianBlur(_texture(), (0, 0), 2), cv2.COLOR_GRAY2BGR)
-    assert text_share(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)) < 0.02
-    for row in range(4):
-        cv2.putText(
-            frame, "SUBSCRIBE NOW 50% OFF", (20, 60 + 80 * row), cv2.FONT_HERSHEY_SIMPLEX, 1.4, (255, 255, 255), 3
-        )
-    assert text_share(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)) > 0.1
+def test_text_box_area_counts_overlaps_once():
+    square = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], np.float32)
+    assert box_area_share([], (20, 20)) == 0.0
+    assert box_area_share([square], (20, 40)) == pytest.approx(121 / 800)  # pixels 0..10 inclusive
+    assert box_area_share([square, square + 5], (20, 40)) == pytest.approx((121 * 2 - 36) / 800)
+
+
+def _detection(cls: str, score: float) -> dict:
+    return {"class": cls, "score": score, "box": [0, 0, 10, 10]}
+
+
+def test_nsfw_score_is_the_most_confident_exposed_detection_and_thresholds_reject_it():
+    from pipeline.config import FilterConfig
+
+    thresholds = FilterConfig().thresholds
+    covered = [[_detection("FACE_FEMALE", 0.95), _detection("FEMALE_BREAST_COVERED", 0.9)], []]
+    assert nsfw_score(covered) == 0.0  # faces and covered parts never count, however confident
+    exposed = [
+        [_detection("BELLY_EXPOSED", 0.9)],
+        [_detection("BUTTOCKS_EXPOSED", 0.3)],
+        [_detection("FEMALE_GENITALIA_EXPOSED", 0.72), _detection("FEET_EXPOSED", 0.99)],
+    ]
+    assert nsfw_score(exposed) == pytest.approx(0.72)  # the max over frames, of exposed classes only
+    assert np.isnan(nsfw_score([]))  # nothing looked at: unavailable, not safe
+    assert decide({"score_nsfw": nsfw_score(exposed)}, thresholds) == ["nsfw"]
+    assert decide({"score_nsfw": nsfw_score([exposed[1]])}, thresholds) == []  # 0.3: below the default 0.5
+    assert decide({"score_nsfw": nsfw_score(covered)}, thresholds) == []
+    assert decide({"score_nsfw": nsfw_score([])}, thresholds) == ["score_unavailable"]
 
 
 def test_hashes_and_duplicate_groups():
