@@ -59,6 +59,15 @@ class IsolationConfig(_Section):
     max_attempts: int = Field(1, ge=1, description="attempts per file before a crash or hang becomes a reject")
 
 
+class VideoConfig(_Section):
+    """How stages read frames of a video (inside the isolated child, which contains decoder crashes and leaks)."""
+
+    backend: Literal["pyav", "decord"] = Field(
+        "decord",
+        description="sparse frame access by index (encode): decord's VideoReader.get_batch, PyAV as the fallback",
+    )
+
+
 class IngestConfig(_Section):
     extensions: list[str] = Field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     min_frames: int = Field(2, ge=1, description="videos with fewer frames are rejected as too_few_frames")
@@ -363,6 +372,7 @@ class RecapConfig(_Section):
 
     ray: RayConfig = Field(default_factory=RayConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
