@@ -211,6 +211,7 @@ class NsfwDetectorConfig(_Section):
 class DedupConfig(_Section):
     enabled: bool = True
     max_hamming: float = Field(10.0, ge=0, le=32, description="mean pHash bits apart to count as duplicates")
+    mirror: bool = Field(True, description="a left-right mirrored copy is a duplicate too (compares mirrored hashes)")
     against: list[str] = Field(default_factory=list, description="earlier corpora (output dirs) to dedupe against")
 
 

@@ -528,13 +528,15 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     return {"clips": total_clips, "resumed_videos": len(done)}
 
 
-def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> pa.Table:
-    """Clips that pass every other check, one row per LSH band key of their frame hashes."""
+def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool, mirror: bool = True) -> pa.Table:
+    """Clips that pass every other check, one row per LSH band key of their frame hashes (and, with `mirror`,
+    of their mirrored frames' hashes, so that a mirrored copy shares a band with its source)."""
     from pipeline.scoring.dedup import band_keys
     from pipeline.stages.filter import decide, scoring_failures, upstream_reason
 
     out: dict[str, list] = {
-        k: [] for k in ("band", "clip_id", "phashes", "previous", "aesthetic", "duration", "sharpness")
+        k: []
+        for k in ("band", "clip_id", "phashes", "phashes_mirrored", "previous", "aesthetic", "duration", "sharpness")
     }
     for row in batch.to_pylist():
         if not row.get("phashes"):
@@ -543,11 +545,13 @@ def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> p
             continue
         if previous and row.get("passed") is False:
             continue
-        for key in band_keys(row["phashes"]):
+        mirrored = (row.get("phashes_mirrored") or None) if mirror else None
+        for key in band_keys(row["phashes"]) | band_keys(mirrored or []):
             out["band"].append(key)
             # Clips of earlier corpora get their own node ids: the same file crawled again has the same clip_id.
             out["clip_id"].append(PREVIOUS_PREFIX + row["clip_id"] if previous else row["clip_id"])
             out["phashes"].append(row["phashes"])
+            out["phashes_mirrored"].append(mirrored)
             out["previous"].append(previous)
             out["aesthetic"].append(row.get("score_aesthetic"))
             out["duration"].append(row.get("duration_s"))
@@ -559,6 +563,7 @@ def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> p
                 ("band", pa.string()),
                 ("clip_id", pa.string()),
                 ("phashes", pa.list_(pa.int64())),
+                ("phashes_mirrored", pa.list_(pa.int64())),
                 ("previous", pa.bool_()),
                 ("aesthetic", pa.float64()),
                 ("duration", pa.float64()),
@@ -630,7 +635,9 @@ def find_near_duplicates(config: RecapConfig, scored_paths: list[str], previous_
             ds = ray.data.read_parquet(paths)
             parts.append(
                 ds.map_batches(
-                    _band_rows, batch_format="pyarrow", fn_kwargs={"thresholds": thresholds, "previous": previous}
+                    _band_rows,
+                    batch_format="pyarrow",
+                    fn_kwargs={"thresholds": thresholds, "previous": previous, "mirror": cfg.dedup.mirror},
                 )
             )
     if not parts:

@@ -155,8 +155,8 @@ def write_frames(
 
 @pytest.fixture(scope="session")
 def derived_clips(videos_dir, tmp_path_factory) -> Path:
-    """One real shot (Big Buck Bunny 380-548) and copies made from it: frozen, blurred, dark, re-encoded;
-    plus a different shot of the same film."""
+    """One real shot (Big Buck Bunny 380-548) and copies made from it: frozen, blurred, dark, re-encoded,
+    disguised (mirrored, cropped 8%, colour-graded, re-encoded smaller); plus a different shot of the same film."""
     import cv2
 
     root = tmp_path_factory.mktemp("derived")
@@ -168,7 +168,21 @@ def derived_clips(videos_dir, tmp_path_factory) -> Path:
     write_frames(root / "dark.mp4", [(f * 0.08).astype(np.uint8) for f in shot])
     write_frames(root / "reencoded.mp4", shot, crf=34, size=(480, 270))
     write_frames(root / "other_scene.mp4", _read_frames(src, 286, 374))
+    write_frames(root / "disguised.mp4", [disguise(f) for f in shot], crf=30, size=(480, 270))
     return root
+
+
+def disguise(frame: np.ndarray, crop: float = 0.08) -> np.ndarray:
+    """The common re-upload: mirrored, cropped by `crop` of each side in all, colour-graded (contrast, gamma, warmer)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    dy, dx = int(h * crop / 2), int(w * crop / 2)
+    x = cv2.flip(frame[dy : h - dy, dx : w - dx], 1).astype(np.float32) / 255
+    x = np.clip((x - 0.5) * 1.15 + 0.5, 0, 1) ** 0.85
+    x[..., 0] *= 0.9  # less blue
+    x[..., 2] = np.clip(x[..., 2] * 1.08, 0, 1)  # more red
+    return cv2.resize((x * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA)
 
 
 TEXT_SHOTS = {  # real shots without on-screen text: (video, first frame)

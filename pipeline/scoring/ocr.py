@@ -15,6 +15,9 @@ import numpy as np
 
 DET_MEAN = 0.5  # PP-OCR detection normalisation: (x / 255 - 0.5) / 0.5
 DET_STRIDE = 32  # the detector's input sides must be multiples of this
+# A box thicker than this share of the frame's short side is not a line of text: DB post-processing
+# sometimes returns one box around the whole frame (seen on a graded, low-contrast shot of Big Buck Bunny).
+MAX_LINE_THICKNESS = 0.3
 
 
 def onnx_providers(device: str) -> list[str]:
@@ -61,6 +64,13 @@ def detector_input(frame: np.ndarray, max_side: int) -> np.ndarray:
     resized = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA) if (nh, nw) != (h, w) else frame
     x = (resized.astype(np.float32) / 255.0 - DET_MEAN) / DET_MEAN
     return x.transpose(2, 0, 1)
+
+
+def text_line_boxes(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The boxes that can be lines of text in a frame of `shape` (h, w): none thicker than MAX_LINE_THICKNESS."""
+    limit = MAX_LINE_THICKNESS * min(shape)
+    keep = [b for b in boxes if min(cv2.minAreaRect(np.asarray(b, np.float32))[1]) <= limit]
+    return np.asarray(keep, np.float32).reshape(-1, 4, 2)
 
 
 def box_area_share(boxes: list[np.ndarray], shape: tuple[int, int]) -> float:
@@ -123,7 +133,7 @@ class TextDetector:
                 for j, i in enumerate(chunk):
                     boxes, _scores = self.postprocess(maps[j : j + 1], frames[i].shape[:2])
                     if len(boxes):
-                        out[i] = np.asarray(boxes, np.float32)
+                        out[i] = text_line_boxes(np.asarray(boxes, np.float32), frames[i].shape[:2])
         return out
 
     def recognize(self, frame: np.ndarray, boxes: np.ndarray) -> str:

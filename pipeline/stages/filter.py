@@ -113,6 +113,8 @@ def score_frames(state: _ClipFrames, fps: float, cfg: FilterConfig, want_frames:
     scores.update(score_quality(greys))
     scores["score_cut_inside"] = score_cut_inside([state.bgr[p] for p in samples])
     scores["phashes"] = [phash64(g) for g in greys]
+    # A mirrored re-upload matches these (near-duplicate detection compares both ways).
+    scores["phashes_mirrored"] = [phash64(cv2.flip(g, 1)) for g in greys]
     if want_frames:
         scores["frames_jpeg"] = [
             cv2.imencode(".jpg", cv2.cvtColor(state.rgb[p], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[

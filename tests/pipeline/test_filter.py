@@ -37,7 +37,7 @@ def filtered(ray_session, derived_clips, smoke, tmp_path_factory):
 
 def test_derived_copies_get_the_right_reasons(filtered):
     _out, clips, _results = filtered
-    assert set(clips) == {"original", "frozen", "blurred", "dark", "reencoded", "other_scene"}
+    assert set(clips) == {"original", "frozen", "blurred", "dark", "reencoded", "other_scene", "disguised"}
     original = clips["original"]
     assert clips["frozen"]["score_motion"] < 0.2 * original["score_motion"]
     assert clips["frozen"]["reject_reason"] == "low_motion"
@@ -55,7 +55,10 @@ def test_reencoded_copy_is_a_near_duplicate_but_another_scene_is_not(filtered):
     assert clips["reencoded"]["reject_reason"] == "near_duplicate"
     assert clips["reencoded"]["near_duplicate_of"] == clips["original"]["clip_id"]
     assert clips["other_scene"]["passed"] is True and clips["other_scene"]["near_duplicate_of"] is None
-    assert {r.stage: r for r in results}["filter"].counts["near_duplicates"] == 1
+    # The disguised re-upload (mirrored, cropped 8%, colour-graded, re-encoded) is found through mirrored hashes.
+    assert clips["disguised"]["reject_reason"] == "near_duplicate"
+    assert clips["disguised"]["near_duplicate_of"] == clips["original"]["clip_id"]
+    assert {r.stage: r for r in results}["filter"].counts["near_duplicates"] == 2
 
 
 def test_every_clip_has_every_score_and_rejects_match(filtered):
@@ -165,9 +168,10 @@ def test_clip_model_scores_every_clip_on_ray(ray_session, filtered, tiny_clip, t
     assert result.rejects_by_reason.get("low_aesthetic") == len(below) >= 1
     assert result.counts["considered"] == len(clips)
     # Re-filtering decides afresh; with aesthetic scores the keep rule prefers the higher one.
-    pair = sorted((clips["original"], clips["reencoded"]), key=lambda c: c["score_aesthetic"])
-    assert pair[0]["filter_reasons"] == ["near_duplicate"] and pair[0]["near_duplicate_of"] == pair[1]["clip_id"]
-    assert pair[1]["passed"] is True
+    group = sorted((clips[n] for n in ("original", "reencoded", "disguised")), key=lambda c: c["score_aesthetic"])
+    for copy in group[:-1]:
+        assert copy["filter_reasons"] == ["near_duplicate"] and copy["near_duplicate_of"] == group[-1]["clip_id"]
+    assert group[-1]["passed"] is True
 
 
 def _shots(text_clips: Path) -> list[str]:

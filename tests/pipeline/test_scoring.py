@@ -161,3 +161,27 @@ def test_tiny_clip_is_built_once_and_cached(tmp_path):
     second = ensure_tiny_clip(tmp_path)
     assert first == second
     assert stamp == {k: os.stat(v).st_mtime_ns for k, v in second.items() if k != "model"}
+
+
+def test_a_mirrored_clip_is_a_duplicate_only_through_mirrored_hashes():
+    from pipeline.scoring.dedup import duplicate_edges
+
+    frames = [_texture(seed=s) for s in (5, 6, 7)]
+    source = {"clip_id": "a", "phashes": [phash64(f) for f in frames]}
+    mirrored = [cv2.flip(f, 1) for f in frames]
+    copy = {"clip_id": "b", "phashes": [phash64(f) for f in mirrored]}
+    assert duplicate_edges([source, copy], 10.0) == []  # plain pHash does not see a mirror
+    copy["phashes_mirrored"] = [phash64(cv2.flip(f, 1)) for f in mirrored]
+    assert [e[:2] for e in duplicate_edges([source, copy], 10.0)] == [("a", "b")]
+    other = {"clip_id": "c", "phashes": [phash64(_texture(seed=s)) for s in (8, 9, 10)]}
+    other["phashes_mirrored"] = [phash64(cv2.flip(_texture(seed=s), 1)) for s in (8, 9, 10)]
+    assert duplicate_edges([source, other], 10.0) == []
+
+
+def test_a_box_around_the_whole_frame_is_not_a_text_line():
+    from pipeline.scoring.ocr import text_line_boxes
+
+    line = np.array([[20, 300], [600, 300], [600, 330], [20, 330]], np.float32)
+    frame_box = np.array([[0, 0], [639, 0], [639, 359], [0, 359]], np.float32)
+    kept = text_line_boxes(np.stack([line, frame_box]), (360, 640))
+    assert kept.shape == (1, 4, 2) and np.array_equal(kept[0], line)
