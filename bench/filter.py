@@ -1,8 +1,10 @@
-"""Benchmark the weights-free filter scorers against decoding the same frames alone (the floor).
+"""Benchmark the weights-free filter scorers against decoding the same frames alone (the floor), and
+the model detectors' cost per clip (PP-OCRv6 text, NudeNet) on the frames the CPU actors hand them, and
+sparse frame reads by index (encode) with each `video.backend` (pyav, decord).
 
 Both rows decode every clip's video once and convert the same sampled frames; the second also
-runs every weights-free scorer (flow, sharpness, exposure, text, cut check, pHash). Target:
-scoring adds at most 50% over the floor. Prints figures and the ratio; asserts nothing.
+runs every weights-free scorer (flow, sharpness, exposure, cut check, pHash). Target:
+scoring adds at most 50% over the floor. Prints figures and the ratio, then one JSON line; asserts nothing.
 
     python bench/filter.py [--videos DIR] [--clip-s 4]
 """
@@ -10,6 +12,7 @@ scoring adds at most 50% over the floor. Prints figures and the ratio; asserts n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,17 +37,22 @@ def clips_of(path: str, clip_s: float) -> tuple[list[dict], float]:
     with av.open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 25)
-        frames = sum(1 for _ in container.decode(stream))
+        times = [float(f.pts * f.time_base) if f.pts is not None else 0.0 for f in container.decode(stream)]
+    frames = len(times)
     step = max(2, int(clip_s * fps))
     clips = [
-        {"clip_id": f"c{s}", "start_frame": s, "end_frame": min(frames, s + step)} for s in range(0, frames, step)
+        {"clip_id": f"c{s}", "start_frame": s, "end_frame": min(frames, s + step), "start_s": times[s]}
+        for s in range(0, frames, step)
     ]
     return clips, fps
 
 
 def main() -> None:
     from pipeline.config import FilterConfig
-    from pipeline.stages.filter import iter_clip_frames, score_frames
+    from pipeline.scoring.nsfw import NsfwDetector
+    from pipeline.scoring.ocr import TextDetector
+    from pipeline.stages.encode import read_frames_at
+    from pipeline.stages.filter import frames_of, iter_clip_frames, sample_positions, score_frames, score_video_clips
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -52,6 +60,7 @@ def main() -> None:
     )
     parser.add_argument("--clip-s", type=float, default=4.0, help="clip length the videos are cut into")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the detectors")
     args = parser.parse_args()
     cfg = FilterConfig()
     work = [
@@ -82,6 +91,55 @@ def main() -> None:
         print(f"{name:28s} {n_clips / seconds:9.1f}")
     base, full = timings.values()
     print(f"\nscoring overhead over the floor: {100 * (full / base - 1):+.0f}%  (target <= +50%)")
+
+    # Sparse frame access by index (what encode does), per video.backend: the sampled frames of every clip.
+    sparse = {}
+    for backend in ("pyav", "decord"):
+
+        def read(backend: str = backend) -> None:
+            for path, clips, _fps in work:
+                for c in clips:
+                    positions = sample_positions(c["start_frame"], c["end_frame"], cfg.frames_per_clip)
+                    read_frames_at(path, c["start_frame"], c["start_s"], positions, backend)
+
+        read()
+        sparse[backend] = n_clips * cfg.frames_per_clip / min(_timed(read) for _ in range(args.repeat))
+        print(f"sparse reads, video.backend={backend:6s}: {sparse[backend]:7.1f} sampled frames/s")
+
+    # The detectors on the JPEG frames the scoring actors hand over (decoding them is part of the cost).
+    rows = [r for path, clips, fps in work for r in score_video_clips(path, clips, cfg.model_dump(), fps, True)]
+    threads = args.threads
+    text = TextDetector(max_side=cfg.text.max_side, threads=threads, batch_size=cfg.text.batch_size)
+    nsfw = NsfwDetector(threads=threads, batch_size=cfg.nsfw.batch_size)
+    text.score_clips([frames_of(rows[0], cfg.text.frames, rgb=False)])  # warm-up
+    nsfw.score_clips([frames_of(rows[0], rgb=False)])
+    start = time.perf_counter()
+    text.score_clips([frames_of(r, cfg.text.frames, rgb=False) for r in rows])
+    ocr_s = (time.perf_counter() - start) / len(rows)
+    start = time.perf_counter()
+    nsfw.score_clips([frames_of(r, rgb=False) for r in rows])
+    nsfw_s = (time.perf_counter() - start) / len(rows)
+    print(
+        f"PP-OCRv6 text ({cfg.text.frames} frames, {cfg.text.max_side} px): {1000 * ocr_s:.0f} ms/clip; "
+        f"NudeNet ({cfg.frames_per_clip} frames): {1000 * nsfw_s:.0f} ms/clip ({threads} onnxruntime threads)"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "filter",
+                "clips": n_clips,
+                "frames_per_clip": cfg.frames_per_clip,
+                "clips_per_s_floor": round(n_clips / base, 2),
+                "clips_per_s_scored": round(n_clips / full, 2),
+                "scoring_overhead": round(full / base - 1, 3),
+                "sampled_frames_per_s_pyav": round(sparse["pyav"], 1),
+                "sampled_frames_per_s_decord": round(sparse["decord"], 1),
+                "ocr_ms_per_clip": round(1000 * ocr_s, 1),
+                "nsfw_ms_per_clip": round(1000 * nsfw_s, 1),
+                "onnx_threads": threads,
+            }
+        )
+    )
 
 
 def _timed(fn) -> float:

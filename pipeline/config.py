@@ -95,6 +95,15 @@ class IsolationConfig(_Section):
     )
 
 
+class VideoConfig(_Section):
+    """How stages read frames of a video (inside the isolated child, which contains decoder crashes and leaks)."""
+
+    backend: Literal["pyav", "decord"] = Field(
+        "decord",
+        description="sparse frame access by index (encode): decord's VideoReader.get_batch, PyAV as the fallback",
+    )
+
+
 class IngestConfig(_Section):
     extensions: list[str] = Field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     min_frames: int = Field(2, ge=1, description="videos with fewer frames are rejected as too_few_frames")
@@ -193,7 +202,8 @@ def _default_thresholds() -> dict[str, Threshold]:
         "sharpness": Threshold(min=20.0),  # variance of the Laplacian at the analysis width
         "brightness": Threshold(min=25.0, max=235.0),  # mean luma 0-255
         "black": Threshold(max=0.5),
-        "text": Threshold(max=0.15),  # share of the frame in text-like lines
+        "text": Threshold(max=0.15),  # share of the frame in PP-OCRv6 text boxes (filter.text)
+        "nsfw": Threshold(max=0.5),  # NudeNet confidence of exposed content (filter.nsfw)
     }
 
 
@@ -215,9 +225,34 @@ class ClipModelConfig(_Section):
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=16))
 
 
+class TextDetectorConfig(_Section):
+    """PP-OCRv6 text detection (rapidocr wheel, onnxruntime) for `score_text`; its own actor pool."""
+
+    enabled: bool = True
+    frames: int = Field(4, ge=1, le=64, description="sampled frames (evenly chosen) the detector looks at per clip")
+    max_side: int = Field(640, ge=64, description="frames are scaled so their long side is at most this")
+    box_thresh: float = Field(0.5, gt=0, lt=1, description="PP-OCR box score below which a box is dropped")
+    recognize: bool = Field(False, description="also recognise the text of the frame with the most text (text_ocr)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per actor; 0: the pool's num_cpus")
+    batch_size: int = Field(8, ge=1, description="frames per detector call")
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
+
+
+class NsfwDetectorConfig(_Section):
+    """NudeNet 320n (nudenet wheel, onnxruntime) for `score_nsfw`; its own actor pool. Off: CLIP zero-shot."""
+
+    enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per actor; 0: the pool's num_cpus")
+    batch_size: int = Field(8, ge=1, description="frames per detector call")
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
+
+
 class DedupConfig(_Section):
     enabled: bool = True
     max_hamming: float = Field(10.0, ge=0, le=32, description="mean pHash bits apart to count as duplicates")
+    mirror: bool = Field(True, description="a left-right mirrored copy is a duplicate too (compares mirrored hashes)")
     against: list[str] = Field(default_factory=list, description="earlier corpora (output dirs) to dedupe against")
 
 
@@ -229,6 +264,8 @@ class FilterConfig(_Section):
     thresholds: dict[str, Threshold] = Field(default_factory=_default_thresholds)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     clip: ClipModelConfig = Field(default_factory=ClipModelConfig)
+    text: TextDetectorConfig = Field(default_factory=TextDetectorConfig)
+    nsfw: NsfwDetectorConfig = Field(default_factory=NsfwDetectorConfig)
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
 
     @field_validator("thresholds", mode="before")
@@ -408,6 +445,7 @@ class RecapConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)

@@ -31,6 +31,7 @@ _RUNTIME_KEYS = {
     "batch_size",
     "frames_per_batch",
     "concurrency",
+    "threads",
 }
 
 

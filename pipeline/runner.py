@@ -597,7 +597,7 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
     import ray.data
 
-    from pipeline.stages.filter import ClipModelStage, FilterScoreStage
+    from pipeline.stages.filter import ClipModelStage, FilterScoreStage, NsfwDetectStage, TextDetectStage
 
     videos = _videos_with_clips(output)
     expected = dict(zip(videos.column("video_id").to_pylist(), videos.column("num_clips").to_pylist(), strict=True))
@@ -612,6 +612,10 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     if todo.num_rows:
         ds = ray.data.from_arrow(todo.drop_columns(["num_clips"]), override_num_blocks=min(todo.num_rows, 1000))
         ds = _map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
+        if config.filter.text.enabled:
+            ds = _map_stage(ds, TextDetectStage, config.filter.text.resources, (config.to_dict(),))
+        if config.filter.nsfw.enabled:
+            ds = _map_stage(ds, NsfwDetectStage, config.filter.nsfw.resources, (config.to_dict(),))
         if config.filter.clip.model:
             ds = _map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -633,13 +637,15 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     return {"clips": total_clips, "resumed_videos": len(done)}
 
 
-def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> pa.Table:
-    """Clips that pass every other check, one row per LSH band key of their frame hashes."""
+def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool, mirror: bool = True) -> pa.Table:
+    """Clips that pass every other check, one row per LSH band key of their frame hashes (and, with `mirror`,
+    of their mirrored frames' hashes, so that a mirrored copy shares a band with its source)."""
     from pipeline.scoring.dedup import band_keys
     from pipeline.stages.filter import decide, scoring_failures, upstream_reason
 
     out: dict[str, list] = {
-        k: [] for k in ("band", "clip_id", "phashes", "previous", "aesthetic", "duration", "sharpness")
+        k: []
+        for k in ("band", "clip_id", "phashes", "phashes_mirrored", "previous", "aesthetic", "duration", "sharpness")
     }
     for row in batch.to_pylist():
         if not row.get("phashes"):
@@ -648,11 +654,13 @@ def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> p
             continue
         if previous and row.get("passed") is False:
             continue
-        for key in band_keys(row["phashes"]):
+        mirrored = (row.get("phashes_mirrored") or None) if mirror else None
+        for key in band_keys(row["phashes"]) | band_keys(mirrored or []):
             out["band"].append(key)
             # Clips of earlier corpora get their own node ids: the same file crawled again has the same clip_id.
             out["clip_id"].append(PREVIOUS_PREFIX + row["clip_id"] if previous else row["clip_id"])
             out["phashes"].append(row["phashes"])
+            out["phashes_mirrored"].append(mirrored)
             out["previous"].append(previous)
             out["aesthetic"].append(row.get("score_aesthetic"))
             out["duration"].append(row.get("duration_s"))
@@ -664,6 +672,7 @@ def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool) -> p
                 ("band", pa.string()),
                 ("clip_id", pa.string()),
                 ("phashes", pa.list_(pa.int64())),
+                ("phashes_mirrored", pa.list_(pa.int64())),
                 ("previous", pa.bool_()),
                 ("aesthetic", pa.float64()),
                 ("duration", pa.float64()),
@@ -735,7 +744,9 @@ def find_near_duplicates(config: RecapConfig, scored_paths: list[str], previous_
             ds = ray.data.read_parquet(paths)
             parts.append(
                 ds.map_batches(
-                    _band_rows, batch_format="pyarrow", fn_kwargs={"thresholds": thresholds, "previous": previous}
+                    _band_rows,
+                    batch_format="pyarrow",
+                    fn_kwargs={"thresholds": thresholds, "previous": previous, "mirror": cfg.dedup.mirror},
                 )
             )
     if not parts:

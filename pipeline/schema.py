@@ -73,8 +73,8 @@ SCORE_REJECT_REASONS: dict[str, tuple[RejectReason, RejectReason]] = {
     "nsfw": (RejectReason.NSFW, RejectReason.NSFW),
     "watermark": (RejectReason.WATERMARK, RejectReason.WATERMARK),
 }
-WEIGHTS_FREE_SCORES = ("motion", "frozen", "cut_inside", "sharpness", "brightness", "clipped", "black", "text")
-MODEL_SCORES = ("aesthetic", "nsfw", "watermark")
+WEIGHTS_FREE_SCORES = ("motion", "frozen", "cut_inside", "sharpness", "brightness", "clipped", "black")
+MODEL_SCORES = ("text", "aesthetic", "nsfw", "watermark")
 
 
 class VideoStatus(enum.StrEnum):
@@ -146,7 +146,9 @@ CLIPS_SCHEMA = pa.schema(
 FILTER_FIELDS = [pa.field(f"score_{name}", pa.float64()) for name in WEIGHTS_FREE_SCORES + MODEL_SCORES] + [
     pa.field("camera_motion", pa.string()),
     pa.field("phashes", pa.list_(pa.int64())),  # 64-bit pHash of each sampled frame
+    pa.field("phashes_mirrored", pa.list_(pa.int64())),  # the same of each frame mirrored left-right
     pa.field("clip_embedding", pa.list_(pa.float32())),  # mean CLIP image embedding, unit norm
+    pa.field("text_ocr", pa.string()),  # on-screen text recognised by PP-OCRv6 (filter.text.recognize)
     pa.field("filter_reasons", pa.list_(pa.string())),  # every failed threshold, not only the first
     pa.field("near_duplicate_of", pa.string()),
     pa.field("filter_detail", pa.string()),

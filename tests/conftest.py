@@ -155,8 +155,8 @@ def write_frames(
 
 @pytest.fixture(scope="session")
 def derived_clips(videos_dir, tmp_path_factory) -> Path:
-    """One real shot (Big Buck Bunny 380-548) and copies made from it: frozen, blurred, dark, re-encoded;
-    plus a different shot of the same film."""
+    """One real shot (Big Buck Bunny 380-548) and copies made from it: frozen, blurred, dark, re-encoded,
+    disguised (mirrored, cropped 8%, colour-graded, re-encoded smaller); plus a different shot of the same film."""
     import cv2
 
     root = tmp_path_factory.mktemp("derived")
@@ -168,6 +168,59 @@ def derived_clips(videos_dir, tmp_path_factory) -> Path:
     write_frames(root / "dark.mp4", [(f * 0.08).astype(np.uint8) for f in shot])
     write_frames(root / "reencoded.mp4", shot, crf=34, size=(480, 270))
     write_frames(root / "other_scene.mp4", _read_frames(src, 286, 374))
+    write_frames(root / "disguised.mp4", [disguise(f) for f in shot], crf=30, size=(480, 270))
+    return root
+
+
+def disguise(frame: np.ndarray, crop: float = 0.08) -> np.ndarray:
+    """The common re-upload: mirrored, cropped by `crop` of each side in all, colour-graded (contrast, gamma, warmer)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    dy, dx = int(h * crop / 2), int(w * crop / 2)
+    x = cv2.flip(frame[dy : h - dy, dx : w - dx], 1).astype(np.float32) / 255
+    x = np.clip((x - 0.5) * 1.15 + 0.5, 0, 1) ** 0.85
+    x[..., 0] *= 0.9  # less blue
+    x[..., 2] = np.clip(x[..., 2] * 1.08, 0, 1)  # more red
+    return cv2.resize((x * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA)
+
+
+TEXT_SHOTS = {  # real shots without on-screen text: (video, first frame)
+    "bunny_a": ("big_buck_bunny_0_30.webm", 380),
+    "bunny_b": ("big_buck_bunny_0_30.webm", 286),
+    "bottle": ("bottle-detection.mp4", 100),
+    "kinetics": ("mmaction2_test.avi", 20),
+}
+
+
+def draw_text_lines(frame: np.ndarray, lines: list[str], height: int, bottom: int) -> np.ndarray:
+    """White text with a dark outline, centred, lines `height` px tall stacked upwards from `bottom`."""
+    import cv2
+
+    out = frame.copy()
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    thickness = max(2, height // 10)
+    scale = cv2.getFontScaleFromHeight(font, height, thickness)
+    for k, line in enumerate(reversed(lines)):
+        (tw, _th), _ = cv2.getTextSize(line, font, scale, thickness)
+        org = ((out.shape[1] - tw) // 2, bottom - k * int(height * 1.6))
+        cv2.putText(out, line, org, font, scale, (0, 0, 0), thickness + 3, cv2.LINE_AA)
+        cv2.putText(out, line, org, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_clips(videos_dir, tmp_path_factory) -> Path:
+    """Four real shots (640x360, 24 frames), each clean (`NAME-clean.mp4`), with two 22 px subtitle lines
+    (`NAME-subtitles.mp4`) and with a three-line 54 px title (`NAME-title.mp4`)."""
+    root = tmp_path_factory.mktemp("text_clips")
+    subtitles = ["I never thought we would get here,", "but here we are at last."]
+    title = ["THE LONG", "SUMMER", "PART TWO"]
+    for name, (video, start) in TEXT_SHOTS.items():
+        shot = _read_frames(str(videos_dir / video), start, start + 24)
+        write_frames(root / f"{name}-clean.mp4", shot)
+        write_frames(root / f"{name}-subtitles.mp4", [draw_text_lines(f, subtitles, 22, 330) for f in shot])
+        write_frames(root / f"{name}-title.mp4", [draw_text_lines(f, title, 54, 270) for f in shot])
     return root
 
 

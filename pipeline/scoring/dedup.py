@@ -60,7 +60,8 @@ def clip_distance(a: list[int], b: list[int]) -> float:
 
 
 def duplicate_edges(group: list[dict[str, Any]], max_hamming: float) -> list[tuple[str, str, float]]:
-    """Pairs of clips in one band group whose hashes are within `max_hamming` bits."""
+    """Pairs of clips in one band group whose hashes are within `max_hamming` bits, directly or with one of
+    them mirrored (when rows carry `phashes_mirrored`)."""
     edges = []
     for i in range(len(group)):
         for j in range(i + 1, len(group)):
@@ -68,6 +69,8 @@ def duplicate_edges(group: list[dict[str, Any]], max_hamming: float) -> list[tup
             if a["clip_id"] == b["clip_id"] or (a.get("previous") and b.get("previous")):
                 continue
             d = clip_distance(a["phashes"], b["phashes"])
+            if b.get("phashes_mirrored"):  # b mirrored: a's frames against b's mirrored frames
+                d = min(d, clip_distance(a["phashes"], b["phashes_mirrored"]))
             if d <= max_hamming:
                 edges.append((a["clip_id"], b["clip_id"], d))
     return edges

@@ -18,7 +18,14 @@ import pyarrow as pa
 from pipeline.config import EncodeConfig, RecapConfig
 from pipeline.schema import RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
-from pipeline.video.decode import VideoRejected, decode_from, display_turns, open_video, upright
+from pipeline.video.decode import (
+    VideoRejected,
+    decode_from,
+    display_turns,
+    open_video,
+    read_frames_decord,
+    upright,
+)
 from pipeline.video.frames import frame_positions, make_buckets, nearest_bucket, resize_center_crop
 
 PREP_SCHEMA = pa.schema(
@@ -53,8 +60,15 @@ LATENT_SCHEMA = pa.schema(
 )
 
 
-def read_frames_at(uri: str, start_frame: int, start_s: float, positions: list[int]) -> dict[int, np.ndarray]:
-    """RGB frames at source indices `positions` of a clip starting at (start_frame, start_s); one seek."""
+def read_frames_at(
+    uri: str, start_frame: int, start_s: float, positions: list[int], backend: str = "pyav"
+) -> dict[int, np.ndarray]:
+    """RGB frames at source indices `positions` of a clip starting at (start_frame, start_s): decord's
+    `get_batch` (backend decord), or PyAV with one seek (backend pyav, and wherever decord cannot serve them)."""
+    if backend == "decord":
+        frames = read_frames_decord(uri, positions)
+        if frames is not None:
+            return frames
     wanted = set(positions)
     last = max(positions)
     out: dict[int, np.ndarray] = {}
@@ -68,7 +82,9 @@ def read_frames_at(uri: str, start_frame: int, start_s: float, positions: list[i
     return out
 
 
-def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor: int, multiple: int) -> dict[str, Any]:
+def prepare_clip(
+    row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor: int, multiple: int, backend: str = "pyav"
+) -> dict[str, Any]:
     """Frames of one clip ready for the VAE (in the isolated child): stride, frame grid, bucket, crop."""
     cfg = EncodeConfig.model_validate(cfg_dict)
     positions, stride = frame_positions(
@@ -82,7 +98,7 @@ def prepare_clip(row: dict[str, Any], cfg_dict: dict[str, Any], temporal_factor:
             f"{cfg.min_frames}, VAE temporal factor {temporal_factor})",
         )
     try:
-        frames = read_frames_at(row["uri"], row["start_frame"], row["start_s"], positions)
+        frames = read_frames_at(row["uri"], row["start_frame"], row["start_s"], positions, backend)
     except av.error.FFmpegError as exc:
         raise VideoRejected(RejectReason.DECODE_ERROR, f"decoding the clip failed: {exc}") from None
     if len(frames) != len(positions):
@@ -118,7 +134,12 @@ class EncodePrepStage(IsolatedStage):
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         outcome = self.run_isolated(
-            "pipeline.stages.encode:prepare_clip", row, self._cfg, self.temporal_factor, self.multiple
+            "pipeline.stages.encode:prepare_clip",
+            row,
+            self._cfg,
+            self.temporal_factor,
+            self.multiple,
+            self.config.video.backend,
         )
         caption = row.get("caption")
         rejected = self.reject_of(outcome)

@@ -1,8 +1,9 @@
 """Filter stage: score every clip from frames sampled once, then decide pass/reject with reasons.
 
 `score_video_clips` decodes a video once (in the isolated child) and scores all its clips with
-the weights-free scorers; `ClipModelStage` adds CLIP embeddings and model scores on a separate
-actor pool; `decide` applies the configured thresholds. Near-duplicates are resolved across the
+the weights-free scorers; `TextDetectStage` (PP-OCRv6), `NsfwDetectStage` (NudeNet) and
+`ClipModelStage` (CLIP) add model scores, each on its own actor pool, from the sampled frames the
+CPU actors hand over as JPEGs; `decide` applies the configured thresholds. Near-duplicates are resolved across the
 whole corpus by the runner (`pipeline.scoring.dedup`).
 """
 
@@ -23,7 +24,6 @@ from pipeline.schema import FILTERED_CLIPS_SCHEMA, SCORE_REJECT_REASONS, RejectR
 from pipeline.scoring.dedup import phash64
 from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import score_cut_inside, score_frozen, score_motion
-from pipeline.scoring.text import score_text
 from pipeline.stages.common import IsolatedStage
 from pipeline.video.decode import display_turns, open_video, upright
 from pipeline.video.isolation import heartbeat
@@ -66,7 +66,23 @@ class _ClipFrames:
         self.rgb: dict[int, np.ndarray] = {}
 
 
-def _convert(frame: Any, width: int, want_rgb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def model_frame_sides(cfg: FilterConfig) -> tuple[int, int]:
+    """(short side, long side) the frames handed to the model stages need at least: CLIP's input, and the
+    text detector's resolution (PP-OCR finds 20 px subtitles at 640 px, not at 320)."""
+    short = CLIP_FRAME_SIDE if cfg.clip.model is not None else 0
+    long = cfg.text.max_side if cfg.text.enabled else 0
+    if cfg.nsfw.enabled:
+        long = max(long, 320)  # NudeNet 320n's input
+    return short, long
+
+
+def wants_model_frames(cfg: FilterConfig) -> bool:
+    return cfg.clip.model is not None or cfg.text.enabled or cfg.nsfw.enabled
+
+
+def _convert(
+    frame: Any, width: int, want_rgb: bool, sides: tuple[int, int] = (CLIP_FRAME_SIDE, 0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     turns = display_turns(frame)  # scores, motion directions and CLIP see the frame as players show it
     stored_width = width if turns % 2 == 0 else max(2, round(frame.width * width / frame.height / 2) * 2)
     height = max(2, round(frame.height * stored_width / frame.width / 2) * 2)
@@ -74,7 +90,10 @@ def _convert(frame: Any, width: int, want_rgb: bool) -> tuple[np.ndarray, np.nda
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     rgb = None
     if want_rgb:
-        scale = CLIP_FRAME_SIDE / min(frame.width, frame.height)
+        # Short side at least CLIP's (small sources are enlarged, as CLIP would), long side at least the
+        # detectors' resolution unless the source is smaller.
+        short_side, long_side = sides
+        scale = max(short_side / min(frame.width, frame.height), min(1.0, long_side / max(frame.width, frame.height)))
         w, h = max(2, round(frame.width * scale)), max(2, round(frame.height * scale))
         rgb = upright(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA"), turns)
     return bgr, grey, rgb
@@ -92,9 +111,10 @@ def score_frames(state: _ClipFrames, fps: float, cfg: FilterConfig, want_frames:
     scores.update(score_motion(pairs, fps, cfg.flow_width))
     scores["score_frozen"] = score_frozen(greys)
     scores.update(score_quality(greys))
-    scores.update(score_text(greys))
     scores["score_cut_inside"] = score_cut_inside([state.bgr[p] for p in samples])
     scores["phashes"] = [phash64(g) for g in greys]
+    # A mirrored re-upload matches these (near-duplicate detection compares both ways).
+    scores["phashes_mirrored"] = [phash64(cv2.flip(g, 1)) for g in greys]
     if want_frames:
         scores["frames_jpeg"] = [
             cv2.imencode(".jpg", cv2.cvtColor(state.rgb[p], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[
@@ -123,6 +143,7 @@ def iter_clip_frames(
         for index in {*state.positions, *state.partners}:
             needed.setdefault(index, []).append(i)
     last = max(needed, default=-1)
+    sides = model_frame_sides(cfg)
     by_last = sorted(range(len(states)), key=lambda i: states[i].last_needed)
     done = 0
     try:
@@ -133,7 +154,7 @@ def iter_clip_frames(
                 owners = needed.get(index)
                 if owners:
                     want_rgb = want_frames and any(index in states[i].positions for i in owners)
-                    bgr, grey, rgb = _convert(frame, cfg.analysis_width, want_rgb)
+                    bgr, grey, rgb = _convert(frame, cfg.analysis_width, want_rgb, sides)
                     for i in owners:
                         states[i].grey[index] = grey
                         if index in states[i].positions:
@@ -219,7 +240,7 @@ class FilterScoreStage(IsolatedStage):
     def __init__(self, config: RecapConfig | dict[str, Any]):
         super().__init__(config)
         self._cfg = self.config.filter.model_dump(mode="json")
-        self._want_frames = self.config.filter.clip.model is not None
+        self._want_frames = wants_model_frames(self.config.filter)
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
         from pipeline.stages.common import rows_of
@@ -270,8 +291,76 @@ def clip_scorer_from_config(cfg: RecapConfig) -> Any:
     )
 
 
+def frames_of(row: dict[str, Any], count: int | None = None, rgb: bool = True) -> list[np.ndarray]:
+    """The sampled frames a scoring actor handed over as JPEGs (at most `count`, evenly chosen)."""
+    data = row.get("frames_jpeg") or []
+    if count is not None and len(data) > count:
+        data = [data[int((k + 0.5) * len(data) / count)] for k in range(count)]
+    frames = []
+    for jpeg in data:
+        bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if rgb else bgr)
+    return frames
+
+
+class TextDetectStage:
+    """Adds `score_text` (and `text_ocr`) from the PP-OCRv6 text detector; the model loads once per actor."""
+
+    name = "filter-text"
+    input_columns = ("clip_id", "frames_jpeg")
+    output_schema = SCORED_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.scoring.ocr import TextDetector
+
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        self.cfg = cfg.filter.text
+        t = self.cfg
+        self.detector = TextDetector(
+            max_side=t.max_side,
+            box_thresh=t.box_thresh,
+            device=t.device,
+            threads=t.threads or max(1, round(t.resources.num_cpus)),
+            batch_size=t.batch_size,
+            recognize=t.recognize,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        clips = [frames_of(row, self.cfg.frames, rgb=False) for row in rows]
+        for row, scores in zip(rows, self.detector.score_clips(clips), strict=True):
+            if row.get("frames_jpeg"):  # a clip whose frames did not decode keeps its scoring failure
+                row.update(scores)
+        return table_of(rows, self.output_schema)
+
+
+class NsfwDetectStage:
+    """Adds `score_nsfw` from NudeNet's exposed-content classes; the model loads once per actor."""
+
+    name = "filter-nsfw"
+    input_columns = ("clip_id", "frames_jpeg")
+    output_schema = SCORED_SCHEMA
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.scoring.nsfw import NsfwDetector
+
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        n = cfg.filter.nsfw
+        threads = n.threads or max(1, round(n.resources.num_cpus))
+        self.detector = NsfwDetector(device=n.device, threads=threads, batch_size=n.batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        clips = [frames_of(row, rgb=False) for row in rows]
+        for row, scores in zip(rows, self.detector.score_clips(clips), strict=True):
+            if row.get("frames_jpeg"):
+                row.update(scores)
+        return table_of(rows, self.output_schema)
+
+
 class ClipModelStage:
-    """Adds CLIP embeddings and model scores (aesthetic, nsfw, watermark); the model loads once per actor."""
+    """Adds CLIP embeddings and model scores (aesthetic, watermark, and nsfw unless NudeNet gives it); the
+    model loads once per actor."""
 
     name = "filter-clip"
     input_columns = ("clip_id", "frames_jpeg")
@@ -280,20 +369,17 @@ class ClipModelStage:
     def __init__(self, config: RecapConfig | dict[str, Any]):
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
         self.scorer = clip_scorer_from_config(cfg)
+        self.keys = ("score_aesthetic", "score_watermark") + (() if cfg.filter.nsfw.enabled else ("score_nsfw",))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        clips_frames = []
+        clips_frames = [frames_of(row) for row in rows]
         for row in rows:
-            frames = []
-            for data in row.pop("frames_jpeg") or []:
-                bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-                frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            clips_frames.append(frames)
+            row.pop("frames_jpeg", None)
         for row, scores in zip(rows, self.scorer.score_clips(clips_frames), strict=True):
             embedding = scores.get("clip_embedding")
             row["clip_embedding"] = None if embedding is None else np.asarray(embedding, np.float32).tolist()
-            for key in ("score_aesthetic", "score_nsfw", "score_watermark"):
+            for key in self.keys:
                 if scores.get(key) is not None:
                     row[key] = float(scores[key])
         return table_of(rows, self.output_schema)

@@ -349,3 +349,23 @@ def decode_from(container: Any, start_s: float) -> Iterator[tuple[Any, float]]:
         yield frame, t
         if count % 16 == 15:
             heartbeat()
+
+
+def read_frames_decord(uri: str, positions: list[int]) -> dict[int, np.ndarray] | None:
+    """RGB frames at decoded-frame indices `positions` through decord's `VideoReader.get_batch` (upright: decord
+    applies the display matrix). None when decord is not installed or cannot serve them: the caller falls back to
+    PyAV. Runs in the isolated child, which contains decord's crashes on damaged files and its leaks."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None  # decord reads local files only; object-store URIs go through PyAV's fsspec reader
+    try:
+        import decord
+    except ImportError:
+        return None
+    try:
+        reader = decord.VideoReader(uri.removeprefix("file://"), ctx=decord.cpu(0), num_threads=1)
+        if not positions or max(positions) >= len(reader):
+            return None
+        batch = reader.get_batch(positions).asnumpy()
+    except (decord.DECORDError, RuntimeError, ValueError, OSError):
+        return None
+    return {p: np.ascontiguousarray(batch[k]) for k, p in enumerate(positions)}

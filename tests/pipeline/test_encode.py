@@ -210,3 +210,41 @@ def test_video_vae_with_posterior_text_embeddings_and_bf16(ray_session, videos_d
 
     samples = pads.dataset(out / "manifest" / "samples").to_table().to_pylist()
     assert all(r["latent_dtype"] == "bfloat16" and r["has_text_emb"] and r["logvar_stored"] for r in samples)
+
+
+@pytest.mark.parametrize(
+    ("name", "start", "end"),
+    [("testvideo.mp4", 400, 520), ("big_buck_bunny_0_30.webm", 380, 548), ("issue-134-rotate.mp4", 90, 200)],
+)
+def test_decord_and_pyav_read_the_same_frames(videos_dir, name, start, end):
+    """video.backend decord (get_batch) and PyAV (seek + decode) give the same upright frames (rotation included)."""
+    import av
+
+    from pipeline.stages.encode import read_frames_at
+
+    uri = str(videos_dir / name)
+    with av.open(uri) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == start:
+                start_s = float(frame.pts * frame.time_base)
+                break
+    positions = list(range(start, end, (end - start) // 6))
+    pyav = read_frames_at(uri, start, start_s, positions, "pyav")
+    decord = read_frames_at(uri, start, start_s, positions, "decord")
+    assert sorted(decord) == sorted(pyav) == positions
+    for p in positions:
+        assert decord[p].shape == pyav[p].shape
+        mse = np.mean((decord[p].astype(np.float64) - pyav[p].astype(np.float64)) ** 2)
+        assert 10 * np.log10(255**2 / max(mse, 1e-10)) > 40, (name, p)
+    if name == "issue-134-rotate.mp4":
+        assert pyav[positions[0]].shape[0] > pyav[positions[0]].shape[1]  # stored landscape, shown portrait
+
+
+def test_decord_falls_back_to_pyav_where_it_cannot_read(tmp_path, videos_dir):
+    from pipeline.video.decode import read_frames_decord
+
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_bytes(b"not a video at all" * 100)
+    assert read_frames_decord(str(not_video), [0]) is None
+    assert read_frames_decord("s3://bucket/clip.mp4", [0]) is None  # remote: PyAV's fsspec reader
+    assert read_frames_decord(str(videos_dir / "h265_video.mp4"), [0, 10_000]) is None  # past decord's frames

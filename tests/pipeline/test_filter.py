@@ -37,7 +37,7 @@ def filtered(ray_session, derived_clips, smoke, tmp_path_factory):
 
 def test_derived_copies_get_the_right_reasons(filtered):
     _out, clips, _results = filtered
-    assert set(clips) == {"original", "frozen", "blurred", "dark", "reencoded", "other_scene"}
+    assert set(clips) == {"original", "frozen", "blurred", "dark", "reencoded", "other_scene", "disguised"}
     original = clips["original"]
     assert clips["frozen"]["score_motion"] < 0.2 * original["score_motion"]
     assert clips["frozen"]["reject_reason"] == "low_motion"
@@ -55,13 +55,16 @@ def test_reencoded_copy_is_a_near_duplicate_but_another_scene_is_not(filtered):
     assert clips["reencoded"]["reject_reason"] == "near_duplicate"
     assert clips["reencoded"]["near_duplicate_of"] == clips["original"]["clip_id"]
     assert clips["other_scene"]["passed"] is True and clips["other_scene"]["near_duplicate_of"] is None
-    assert {r.stage: r for r in results}["filter"].counts["near_duplicates"] == 1
+    # The disguised re-upload (mirrored, cropped 8%, colour-graded, re-encoded) is found through mirrored hashes.
+    assert clips["disguised"]["reject_reason"] == "near_duplicate"
+    assert clips["disguised"]["near_duplicate_of"] == clips["original"]["clip_id"]
+    assert {r.stage: r for r in results}["filter"].counts["near_duplicates"] == 2
 
 
 def test_every_clip_has_every_score_and_rejects_match(filtered):
     out, clips, _results = filtered
     for clip in clips.values():
-        for name in WEIGHTS_FREE_SCORES:
+        for name in (*WEIGHTS_FREE_SCORES, "text", "nsfw"):  # smoke runs the OCR and NSFW detectors
             value = clip[f"score_{name}"]
             assert value is not None and not math.isnan(value), (clip["clip_id"], name)
         assert clip["camera_motion"] and len(clip["phashes"]) == 6
@@ -165,6 +168,76 @@ def test_clip_model_scores_every_clip_on_ray(ray_session, filtered, tiny_clip, t
     assert result.rejects_by_reason.get("low_aesthetic") == len(below) >= 1
     assert result.counts["considered"] == len(clips)
     # Re-filtering decides afresh; with aesthetic scores the keep rule prefers the higher one.
-    pair = sorted((clips["original"], clips["reencoded"]), key=lambda c: c["score_aesthetic"])
-    assert pair[0]["filter_reasons"] == ["near_duplicate"] and pair[0]["near_duplicate_of"] == pair[1]["clip_id"]
-    assert pair[1]["passed"] is True
+    group = sorted((clips[n] for n in ("original", "reencoded", "disguised")), key=lambda c: c["score_aesthetic"])
+    for copy in group[:-1]:
+        assert copy["filter_reasons"] == ["near_duplicate"] and copy["near_duplicate_of"] == group[-1]["clip_id"]
+    assert group[-1]["passed"] is True
+
+
+def _shots(text_clips: Path) -> list[str]:
+    shots = sorted(p.name.removesuffix("-clean.mp4") for p in text_clips.glob("*-clean.mp4"))
+    assert len(shots) == 4
+    return shots
+
+
+def _scored_with_frames(path: Path, cfg) -> dict:
+    """One clip over the whole file, scored in-process as the filter's CPU actors do (frames as JPEGs)."""
+    from pipeline.stages.filter import score_video_clips
+
+    clip = {"clip_id": path.stem, "start_frame": 0, "end_frame": 24}
+    scores = score_video_clips(str(path), [clip], cfg.filter.model_dump(mode="json"), 24.0, want_frames=True)[0]
+    return {**clip, **scores}
+
+
+def test_ocr_text_score_separates_drawn_text_from_clean_shots(text_clips):
+    """The PP-OCRv6 detector on real shots: subtitled and titled clips all score above every clean one; titles
+    (3 lines of 54 px) fail the default `text` threshold, clean shots and two subtitle lines do not."""
+    import pyarrow as pa
+
+    from pipeline.config import RecapConfig
+    from pipeline.schema import FILTERED_CLIPS_SCHEMA
+    from pipeline.stages.filter import SCORED_SCHEMA, TextDetectStage, decide
+
+    cfg = RecapConfig.model_validate(
+        {"filter": {"frames_per_clip": 4, "clip": {"model": None}, "text": {"frames": 2, "recognize": True}}}
+    )
+    shots = _shots(text_clips)
+    rows = [
+        _scored_with_frames(text_clips / f"{shot}-{kind}.mp4", cfg)
+        for shot in shots
+        for kind in ("clean", "subtitles", "title")
+    ]
+    batch = pa.Table.from_pylist(rows, schema=pa.schema([f for f in SCORED_SCHEMA if f.name in rows[0]]))
+    scored = {r["clip_id"]: r for r in TextDetectStage(cfg)(batch).to_pylist()}
+    assert TextDetectStage.output_schema.names[: len(FILTERED_CLIPS_SCHEMA)] == FILTERED_CLIPS_SCHEMA.names
+
+    def score(kind: str) -> list[float]:
+        return [scored[f"{shot}-{kind}"]["score_text"] for shot in shots]
+
+    clean, subtitles, titles = score("clean"), score("subtitles"), score("title")
+    assert min(subtitles + titles) > max(clean), (clean, subtitles, titles)
+    assert min(titles) > max(subtitles)
+    thresholds = cfg.filter.thresholds
+    for shot in shots:
+        assert "text_heavy" in decide(scored[f"{shot}-title"], thresholds)
+        assert "text_heavy" not in decide(scored[f"{shot}-clean"], thresholds)
+        assert "text_heavy" not in decide(scored[f"{shot}-subtitles"], thresholds)
+        # The recognised on-screen text (for captions that must not repeat it).
+        assert "SUMMER" in scored[f"{shot}-title"]["text_ocr"].upper()
+        assert not scored[f"{shot}-clean"]["text_ocr"]
+
+
+def test_nudenet_scores_real_shots_low(text_clips):
+    """NudeNet 320n, loaded from the wheel, on the sampled frames of real shots: nothing near the threshold."""
+    import pyarrow as pa
+
+    from pipeline.config import RecapConfig
+    from pipeline.stages.filter import SCORED_SCHEMA, NsfwDetectStage, decide
+
+    cfg = RecapConfig.model_validate({"filter": {"clip": {"model": None}, "text": {"enabled": False}}})
+    rows = [_scored_with_frames(text_clips / f"{shot}-clean.mp4", cfg) for shot in _shots(text_clips)]
+    assert all(len(r["frames_jpeg"]) == 8 for r in rows)
+    batch = pa.Table.from_pylist(rows, schema=pa.schema([f for f in SCORED_SCHEMA if f.name in rows[0]]))
+    for row in NsfwDetectStage(cfg)(batch).to_pylist():
+        assert 0.0 <= row["score_nsfw"] < 0.3, row["clip_id"]
+        assert "nsfw" not in decide(row, cfg.filter.thresholds)

@@ -11,7 +11,8 @@ import pytest
 from pipeline.scoring.dedup import band_keys, clip_distance, hamming, phash64, resolve_duplicates
 from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import camera_motion_class, farneback, score_frozen, score_motion
-from pipeline.scoring.text import text_share
+from pipeline.scoring.nsfw import nsfw_score
+from pipeline.scoring.ocr import box_area_share
 from pipeline.stages.filter import decide, sample_positions
 
 
@@ -69,14 +70,34 @@ def test_quality_scores_follow_blur_and_exposure():
     assert score_quality([np.full((90, 160), 255, np.uint8)])["score_clipped"] == 1.0
 
 
-def test_text_share_sees_captions_not_texture():
-    frame = cv2.cvtColor(cv2.GaussianBlur(_texture(), (0, 0), 2), cv2.COLOR_GRAY2BGR)
-    assert text_share(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)) < 0.02
-    for row in range(4):
-        cv2.putText(
-            frame, "SUBSCRIBE NOW 50% OFF", (20, 60 + 80 * row), cv2.FONT_HERSHEY_SIMPLEX, 1.4, (255, 255, 255), 3
-        )
-    assert text_share(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)) > 0.1
+def test_text_box_area_counts_overlaps_once():
+    square = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], np.float32)
+    assert box_area_share([], (20, 20)) == 0.0
+    assert box_area_share([square], (20, 40)) == pytest.approx(121 / 800)  # pixels 0..10 inclusive
+    assert box_area_share([square, square + 5], (20, 40)) == pytest.approx((121 * 2 - 36) / 800)
+
+
+def _detection(cls: str, score: float) -> dict:
+    return {"class": cls, "score": score, "box": [0, 0, 10, 10]}
+
+
+def test_nsfw_score_is_the_most_confident_exposed_detection_and_thresholds_reject_it():
+    from pipeline.config import FilterConfig
+
+    thresholds = FilterConfig().thresholds
+    covered = [[_detection("FACE_FEMALE", 0.95), _detection("FEMALE_BREAST_COVERED", 0.9)], []]
+    assert nsfw_score(covered) == 0.0  # faces and covered parts never count, however confident
+    exposed = [
+        [_detection("BELLY_EXPOSED", 0.9)],
+        [_detection("BUTTOCKS_EXPOSED", 0.3)],
+        [_detection("FEMALE_GENITALIA_EXPOSED", 0.72), _detection("FEET_EXPOSED", 0.99)],
+    ]
+    assert nsfw_score(exposed) == pytest.approx(0.72)  # the max over frames, of exposed classes only
+    assert np.isnan(nsfw_score([]))  # nothing looked at: unavailable, not safe
+    assert decide({"score_nsfw": nsfw_score(exposed)}, thresholds) == ["nsfw"]
+    assert decide({"score_nsfw": nsfw_score([exposed[1]])}, thresholds) == []  # 0.3: below the default 0.5
+    assert decide({"score_nsfw": nsfw_score(covered)}, thresholds) == []
+    assert decide({"score_nsfw": nsfw_score([])}, thresholds) == ["score_unavailable"]
 
 
 def test_hashes_and_duplicate_groups():
@@ -140,3 +161,27 @@ def test_tiny_clip_is_built_once_and_cached(tmp_path):
     second = ensure_tiny_clip(tmp_path)
     assert first == second
     assert stamp == {k: os.stat(v).st_mtime_ns for k, v in second.items() if k != "model"}
+
+
+def test_a_mirrored_clip_is_a_duplicate_only_through_mirrored_hashes():
+    from pipeline.scoring.dedup import duplicate_edges
+
+    frames = [_texture(seed=s) for s in (5, 6, 7)]
+    source = {"clip_id": "a", "phashes": [phash64(f) for f in frames]}
+    mirrored = [cv2.flip(f, 1) for f in frames]
+    copy = {"clip_id": "b", "phashes": [phash64(f) for f in mirrored]}
+    assert duplicate_edges([source, copy], 10.0) == []  # plain pHash does not see a mirror
+    copy["phashes_mirrored"] = [phash64(cv2.flip(f, 1)) for f in mirrored]
+    assert [e[:2] for e in duplicate_edges([source, copy], 10.0)] == [("a", "b")]
+    other = {"clip_id": "c", "phashes": [phash64(_texture(seed=s)) for s in (8, 9, 10)]}
+    other["phashes_mirrored"] = [phash64(cv2.flip(_texture(seed=s), 1)) for s in (8, 9, 10)]
+    assert duplicate_edges([source, other], 10.0) == []
+
+
+def test_a_box_around_the_whole_frame_is_not_a_text_line():
+    from pipeline.scoring.ocr import text_line_boxes
+
+    line = np.array([[20, 300], [600, 300], [600, 330], [20, 330]], np.float32)
+    frame_box = np.array([[0, 0], [639, 0], [639, 359], [0, 359]], np.float32)
+    kept = text_line_boxes(np.stack([line, frame_box]), (360, 640))
+    assert kept.shape == (1, 4, 2) and np.array_equal(kept[0], line)
