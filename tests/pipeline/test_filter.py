@@ -28,9 +28,20 @@ def smoke():
 
 
 @pytest.fixture(scope="module")
-def filtered(ray_session, derived_clips, smoke, tmp_path_factory):
+def filtered(ray_session, derived_clips, tmp_path_factory):
+    """The derived clips through the pipeline, with the real OCR and NSFW detectors on their own actor pools."""
     out = tmp_path_factory.mktemp("filtered")
-    results = run_pipeline(smoke, str(out), inputs=[str(derived_clips)])
+    config = load_config(
+        PROJECT_ROOT / "configs" / "smoke.yaml",
+        [
+            "ray.progress=off",
+            "split.max_clip_s=null",
+            "filter.clip.model=null",
+            "filter.text.enabled=true",
+            "filter.nsfw.enabled=true",
+        ],
+    )
+    results = run_pipeline(config, str(out), inputs=[str(derived_clips)])
     clips = {Path(c["uri"]).stem: c for c in _table(out, "clips").to_pylist()}
     return out, clips, results
 
@@ -46,6 +57,8 @@ def test_derived_copies_get_the_right_reasons(filtered):
     assert clips["dark"]["score_brightness"] < 0.15 * original["score_brightness"]
     assert clips["dark"]["reject_reason"] == "too_dark"
     assert "blurry" not in clips["dark"]["filter_reasons"] or clips["dark"]["filter_reasons"][0] == "too_dark"
+    for clip in clips.values():  # the detector pools ran on every clip through Ray
+        assert 0.0 <= clip["score_text"] < 0.15 and 0.0 <= clip["score_nsfw"] < 0.5, clip["clip_id"]
 
 
 def test_reencoded_copy_is_a_near_duplicate_but_another_scene_is_not(filtered):
@@ -64,7 +77,7 @@ def test_reencoded_copy_is_a_near_duplicate_but_another_scene_is_not(filtered):
 def test_every_clip_has_every_score_and_rejects_match(filtered):
     out, clips, _results = filtered
     for clip in clips.values():
-        for name in (*WEIGHTS_FREE_SCORES, "text", "nsfw"):  # smoke runs the OCR and NSFW detectors
+        for name in (*WEIGHTS_FREE_SCORES, "text", "nsfw"):  # `filtered` runs the OCR and NSFW detectors
             value = clip[f"score_{name}"]
             assert value is not None and not math.isnan(value), (clip["clip_id"], name)
         assert clip["camera_motion"] and len(clip["phashes"]) == 6

@@ -121,7 +121,10 @@ def test_hashes_and_duplicate_groups():
 def test_decide_order_and_nan():
     limits = {"motion": {"min": 1.0, "max": None}, "brightness": {"min": 25.0, "max": 235.0}}
     assert decide({"score_motion": 0.1, "score_brightness": 5.0}, limits) == ["too_dark", "low_motion"]
-    assert decide({"score_motion": float("nan"), "score_brightness": 240.0}, limits) == ["too_bright", "score_unavailable"]
+    assert decide({"score_motion": float("nan"), "score_brightness": 240.0}, limits) == [
+        "too_bright",
+        "score_unavailable",
+    ]
     assert sample_positions(10, 20, 4) == [11, 13, 16, 18] and sample_positions(0, 2, 8) == [0, 1]
 
 
