@@ -50,7 +50,7 @@ def load_corpus_vae(ckpt: dict[str, Any], spec: str | None, device: str) -> Any:
         )
     vae = load_vae(spec, device=device, subfolder=info.get("vae_subfolder") if spec == info.get("vae_spec") else None)
     want = info.get("vae_sha256")
-    if want and vae.sha256 != want:
+    if want and not vae.matches(want):
         raise VaeMismatchError(
             f"VAE {spec!r} has weights sha256 {vae.sha256[:16]}..., but the model was trained on latents of "
             f"{info.get('vae')} (sha256 {want[:16]}...): decode with the corpus's VAE"

@@ -64,7 +64,7 @@ def decode_sample(sample: dict[str, Any], vae: Any) -> np.ndarray:
     from pipeline.shards.latents import latent_from_storage
 
     meta = sample["json"]
-    if meta.get("vae_sha256") and meta["vae_sha256"] != vae.sha256:
+    if meta.get("vae_sha256") and not vae.matches(meta["vae_sha256"]):
         raise ValueError(
             f"sample {sample['__key__']} was encoded by {meta.get('vae')} ({meta['vae_sha256'][:12]}…), "
             f"not by {vae.vae_id} ({vae.sha256[:12]}…): its latents would decode to garbage"

@@ -50,6 +50,23 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def legacy_weights_sha256(module: torch.nn.Module) -> str:
+    """The identity corpora recorded before it became dtype-independent: the weights as loaded, as float32. A corpus
+    carrying it is still recognised (`Vae.matches`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _legacy_ids(model: torch.nn.Module) -> frozenset[str]:
+    """The id older corpora recorded for these weights as loaded now. (A bf16 load's old id equals the new id, so
+    bf16-encoded corpora match anyway; an fp32-encoded one matches an fp32 load, as it did then.)"""
+    return frozenset({legacy_weights_sha256(model)})
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +91,12 @@ class Vae:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     has_posterior: bool = False  # KL VAEs: a log-variance can be stored beside the mean
+    legacy_sha256: frozenset[str] = frozenset()  # identities older corpora recorded for these weights
+
+    def matches(self, sha256: str) -> bool:
+        """Whether a corpus's recorded `vae_sha256` names these weights (today's id, or the one recorded before it)."""
+        return sha256 == self.sha256 or sha256 in self.legacy_sha256
+
     tiling: bool = False  # a diffusers VAE's tiled encode/decode is on
     slicing: bool = False
 
@@ -156,6 +179,7 @@ class TaesdVae(Vae):
         encoder, decoder = vae_files(directory)
         model = load_taesd(encoder, decoder, device="cpu", dtype=dtype)
         self.sha256 = weights_sha256(model)
+        self.legacy_sha256 = _legacy_ids(model)
         self.model = model.to(device=device)
         self.vae_id = "taesd:" + encoder.name.removesuffix("_encoder.pth")
         self.latent_channels = model.latent_channels
@@ -205,6 +229,7 @@ class DiffusersVae(Vae):
         cls = getattr(diffusers, class_name)
         model = cls.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
         self.sha256 = weights_sha256(model)
+        self.legacy_sha256 = _legacy_ids(model)
         self.model = model.to(device=device).eval()
         self.class_name = class_name
         self.vae_id = f"diffusers:{class_name}:{spec}" + (f"/{subfolder}" if subfolder else "")

@@ -166,3 +166,12 @@ def test_encode_out_of_memory_is_retried_in_halves_then_rejected_alone():
     stage.vae.encode = encode_within_memory
     with pytest.raises(OutOfMemory, match="even alone: set encode.vae_tiling"):
         stage.encode_oom_safe(frames[:2])
+
+
+def test_corpora_recorded_with_the_old_identity_still_match(kl):
+    """Before the identity became dtype-independent, an fp32 load recorded the fp32 bytes: still recognised."""
+    from pipeline.vae.load import legacy_weights_sha256
+
+    old = legacy_weights_sha256(kl.model)
+    assert old != kl.sha256 and kl.matches(old) and kl.matches(kl.sha256)
+    assert not kl.matches("0" * 64)
