@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 
 from pipeline.errors import StageInputError
+from pipeline.shards.tarstream import samples_of, shard_samples
 from trainer.config import DataConfig
 
 STATE_VERSION = 1
@@ -116,7 +117,7 @@ def resolve_data(data: str | list[str]) -> tuple[list[str], list[str]]:
 
 def first_sample(url: str) -> dict[str, Any]:
     """The first sample of a shard, its members as raw bytes."""
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+    for sample in shard_samples(url):
         return sample
     raise DataError(f"shard {url} holds no samples")
 
@@ -322,6 +323,7 @@ class StreamSpec:
     world_size: int
     num_readers: int  # DataLoader workers per rank (1 without workers)
     text_emb: bool
+    pipe_bytes: int = 2 << 20  # batches up to this size cross from a worker through its pipe (0: never)
 
 
 def window_urls(spec: StreamSpec, reader: int, window: int) -> list[str]:
@@ -350,7 +352,7 @@ def window_urls(spec: StreamSpec, reader: int, window: int) -> list[str]:
 
 def window_batches(spec: StreamSpec, reader: int, window: int) -> Iterator[list[dict[str, Any]]]:
     """Raw (undecoded) batches of one window: shuffled, grouped by latent shape, leftovers dropped."""
-    stages: list[Any] = [wds.SimpleShardList(window_urls(spec, reader, window)), wds.tarfile_to_samples()]
+    stages: list[Any] = [wds.SimpleShardList(window_urls(spec, reader, window)), samples_of]
     if spec.keys is not None:
         keys = spec.keys
         stages.append(wds.select(lambda s: s["__key__"] in keys))
@@ -367,7 +369,8 @@ def window_batches(spec: StreamSpec, reader: int, window: int) -> Iterator[list[
 
 
 def decode_batch(spec: StreamSpec, raw: list[dict[str, Any]]) -> dict[str, Any]:
-    """Latents (B, C, T, H, W) float16 or float32, keys, captions and, when stored, caption embeddings padded to (B, L, D)."""
+    """Latents (B, C, T, H, W) float16 or float32, keys, captions and, when stored, caption embeddings padded to
+    (B, L, D) with their mask. The arrays travel packed in one buffer (see `PackedArrays`)."""
     from pipeline.shards.latents import latent_from_storage
 
     latents, keys, captions, embs = [], [], [], []
@@ -383,38 +386,97 @@ def decode_batch(spec: StreamSpec, raw: list[dict[str, Any]]) -> dict[str, Any]:
             if "text_emb.npy" not in sample:
                 raise DataError(f"sample {sample['__key__']} in {sample.get('__url__')} has no text_emb.npy")
             embs.append(load_npy(sample["text_emb.npy"]))
-    batch: dict[str, Any] = {"latents": stack_shared(latents), "keys": keys, "captions": captions}
+    packed = PackedArrays()
+    packed.stack("latents", latents)
     if spec.text_emb:
-        batch["text"], batch["text_mask"] = pad_embeddings(embs)
-    return batch
+        packed.pad("text", "text_mask", embs)
+    return {"arrays": packed.finish(spec.pipe_bytes), "keys": keys, "captions": captions}
 
 
-def stack_shared(arrays: list[np.ndarray]) -> torch.Tensor:
-    """np.stack into a tensor that, inside a DataLoader worker, already lives in shared memory: the batch then
-    crosses to the training process as a handle instead of being copied again (as default_collate does)."""
-    first = arrays[0]
-    out = torch.empty((len(arrays), *first.shape), dtype=torch.from_numpy(first[:0].copy()).dtype)
-    if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
-    view = out.numpy()
-    for i, array in enumerate(arrays):
-        view[i] = array
+_ALIGN = 64
+
+
+class PackedArrays:
+    """The arrays of one batch copied into a single uint8 tensor, with their (name, dtype, shape, offset).
+
+    A DataLoader worker hands a batch to the training process through shared memory, and torch pays for every
+    shared tensor: a shared-memory segment, a file descriptor sent over a socket and an mmap on the other side
+    (about 0.5 ms each on this machine, more than decoding a batch of small latents). One segment per batch
+    instead of one per array halves that; a batch of at most `pipe_bytes` skips shared memory altogether and is
+    pickled through the worker's pipe as a bytearray, which costs less than a segment below a few MiB (not when
+    the DataLoader pins memory: it pins tensors only).
+    `unpack_arrays` turns it back into tensors (views, no copy).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, np.dtype, tuple[int, ...], Any]] = []  # (name, dtype, shape, fill)
+
+    def stack(self, name: str, arrays: list[np.ndarray]) -> None:
+        first = arrays[0]
+
+        def fill(view: np.ndarray) -> None:
+            for i, array in enumerate(arrays):
+                view[i] = array
+
+        self.parts.append((name, first.dtype, (len(arrays), *first.shape), fill))
+
+    def pad(self, name: str, mask_name: str, embs: list[np.ndarray]) -> None:
+        """Per-caption (L_i, D) arrays -> (B, max L, D) zero-padded (float32) and a (B, max L) bool mask; L >= 1."""
+        length = max(1, max(e.shape[0] for e in embs))
+        dim = embs[0].shape[1]
+
+        def fill_text(view: np.ndarray) -> None:
+            view[:] = 0
+            for i, e in enumerate(embs):
+                view[i, : e.shape[0]] = e
+
+        def fill_mask(view: np.ndarray) -> None:
+            view[:] = False
+            for i, e in enumerate(embs):
+                view[i, : e.shape[0]] = True
+
+        self.parts.append((name, np.dtype(np.float32), (len(embs), length, dim), fill_text))
+        self.parts.append((mask_name, np.dtype(np.bool_), (len(embs), length), fill_mask))
+
+    def finish(self, pipe_bytes: int = 0) -> dict[str, Any]:
+        layout, offset = [], 0
+        for name, dtype, shape, _ in self.parts:
+            layout.append((name, dtype.str, shape, offset))
+            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker and offset <= pipe_bytes:
+            buffer: Any = bytearray(offset)  # pickled through the worker's pipe: no shared-memory segment
+            raw = np.frombuffer(buffer, dtype=np.uint8)
+        else:
+            buffer = torch.empty(offset, dtype=torch.uint8)
+            if in_worker:
+                buffer.share_memory_()  # the DataLoader would copy it there; written in place instead
+            raw = buffer.numpy()
+        for (_, dtype, shape, fill), (_, _, _, start) in zip(self.parts, layout, strict=True):
+            nbytes = math.prod(shape) * dtype.itemsize
+            fill(raw[start : start + nbytes].view(dtype).reshape(shape))
+        return {"buffer": buffer, "layout": layout}
+
+
+def unpack_arrays(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """{name: tensor} views into a `PackedArrays` buffer (pinned if the DataLoader pinned the buffer)."""
+    buffer = packed["buffer"]
+    if isinstance(buffer, bytearray):
+        buffer = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for name, dtype_str, shape, offset in packed["layout"]:
+        dtype = torch.from_numpy(np.empty(0, dtype=np.dtype(dtype_str))).dtype
+        nbytes = math.prod(shape) * np.dtype(dtype_str).itemsize
+        out[name] = buffer[offset : offset + nbytes].view(dtype).view(tuple(shape))
     return out
 
 
 def pad_embeddings(embs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-caption (L_i, D) arrays -> (B, max L, D) zero-padded and a (B, max L) mask; L >= 1."""
-    length = max(1, max(e.shape[0] for e in embs))
-    dim = embs[0].shape[1]
-    text = torch.zeros(len(embs), length, dim)
-    mask = torch.zeros(len(embs), length, dtype=torch.bool)
-    if torch.utils.data.get_worker_info() is not None:
-        text.share_memory_(), mask.share_memory_()
-    text_view = text.numpy()
-    for i, e in enumerate(embs):
-        text_view[i, : e.shape[0]] = e
-        mask[i, : e.shape[0]] = True
-    return text, mask
+    packed = PackedArrays()
+    packed.pad("text", "text_mask", embs)
+    arrays = unpack_arrays(packed.finish())
+    return arrays["text"], arrays["text_mask"]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -453,6 +515,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             window, skip = window + 1, 0
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's per-item conversion: none (batches are built whole, and default_convert would turn the
+    packed bytearray into a list of ints)."""
+    return batch
+
+
 class ResumableLoader:
     """Iterates decoded batches of one rank; `state_dict()` is the position after the last batch handed out."""
 
@@ -479,6 +547,7 @@ class ResumableLoader:
             world_size=world_size,
             num_readers=readers,
             text_emb=corpus.text_emb_dim is not None,
+            pipe_bytes=0 if pin_memory else 2 << 20,
         )
         self.num_workers = cfg.num_workers
         self.pin_memory = pin_memory
@@ -512,7 +581,12 @@ class ResumableLoader:
         if self.num_workers == 0:
             return iter(dataset)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=4
+            dataset,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4,
         )
         return iter(loader)
 
@@ -523,6 +597,7 @@ class ResumableLoader:
         if self._iterator is None:
             self._iterator = self._start()
         batch = next(self._iterator)
+        batch.update(unpack_arrays(batch.pop("arrays")))
         reader, window, taken = (int(v) for v in batch.pop("position"))
         self.positions[reader] = [window, taken]
         self.next_reader = (reader + 1) % self.spec.num_readers

@@ -10,8 +10,17 @@ from itertools import islice
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
-from trainer.data import DataError, ResumableLoader, VaeMismatchError, open_corpus
+from trainer.data import (
+    DataError,
+    ResumableLoader,
+    VaeMismatchError,
+    decode_batch,
+    open_corpus,
+    unpack_arrays,
+    window_batches,
+)
 
 
 def _keys(loader, n):
@@ -133,6 +142,26 @@ def test_latents_come_back_as_stored(overfit_corpus, real_latents, make_config):
     index = int(batch["keys"][0].split("-")[0], 16)
     assert np.array_equal(batch["latents"][0].numpy(), real_latents["landscape"][index].astype(np.float32))
     assert batch["text"].shape[-1] == 32 and batch["text_mask"][0].any()
+
+
+def test_workers_hand_over_the_same_batches_by_pipe_or_shared_memory(overfit_corpus, make_config):
+    """A worker's batch crosses as one packed buffer (pipe when small, shared memory when large or pinned); what
+    arrives equals what the in-process loader builds, tensor for tensor."""
+    cfg = make_config(data={"batch_size": 2, "num_workers": 2, "window_shards": 3}).data
+    corpus = open_corpus(str(overfit_corpus), cfg)
+    by_pipe = ResumableLoader(corpus, cfg)
+    by_shm = ResumableLoader(corpus, cfg)
+    by_shm.spec.pipe_bytes = 0
+    readers = [window_batches(by_pipe.spec, reader, 0) for reader in range(2)]  # what workers 0 and 1 read
+    for i in range(4):
+        want = decode_batch(by_pipe.spec, next(readers[i % 2]))  # built in this process: no hand-off
+        want.update(unpack_arrays(want.pop("arrays")))
+        for loader in (by_pipe, by_shm):
+            got = next(loader)
+            assert got["keys"] == want["keys"]
+            for name in ("latents", "text", "text_mask"):
+                assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
+    by_pipe.close(), by_shm.close()
 
 
 def test_train_on_two_corpora(
