@@ -151,3 +151,20 @@ def test_interpolation_gives_the_first_and_last_frames(image_run, videos_dir, tm
         sample_video(image_run, "x", tmp_path / "x.mp4", end_image=tmp_path / "b.png")
     with pytest.raises(ValueError, match="--video and --extend"):
         sample_video(image_run, "x", tmp_path / "x.mp4", video=tmp_path / "between.mp4")
+
+
+def test_a_checkpoint_from_before_frame_conditioning_still_samples(image_run, videos_dir, tmp_path, caplog):
+    import cv2
+
+    ckpt = load_checkpoint(image_run)
+    del ckpt["config"]["train"]["conditioning"], ckpt["config"]["sample"]["frame_cfg_scale"]  # as older runs wrote
+    torch.save(ckpt, tmp_path / "old.pt")
+    still = read_clip(videos_dir / CLIPS[3][0], CLIPS[3][1], 64, 96)[0]
+    cv2.imwrite(str(tmp_path / "still.png"), cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
+    text_only = sample_video(tmp_path / "old.pt", CAPTIONS[3], tmp_path / "t2v.mp4", steps=2)
+    assert (text_only.frames, text_only.given_frames) == (4, ())
+    with caplog.at_level("WARNING", logger="recap.sample"):
+        animated = sample_video(
+            tmp_path / "old.pt", CAPTIONS[3], tmp_path / "i2v.mp4", image=tmp_path / "still.png", steps=2
+        )
+    assert animated.given_frames == (0,) and "trained without frame conditioning" in caplog.text
