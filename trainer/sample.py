@@ -169,6 +169,10 @@ def sample_video(
         raise ValueError("--video and --extend SECONDS go together")
     if video is not None and image is not None:
         raise ValueError("give either --image or --video, not both")
+    if extend is not None and extend <= 0:
+        raise ValueError(f"--extend {extend}: give a positive number of seconds")
+    if context_frames is not None and context_frames < 1:
+        raise ValueError(f"--context-frames {context_frames}: give at least 1 frame")
     if video is not None and frames is not None:
         raise ValueError("--frames does not apply to --video: the output is the clip's last frames plus --extend")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -203,7 +207,9 @@ def sample_video(
             clip_frames = 1 + (ckpt["latent_shape"][1] - 1) * tf
             context_frames = max(1, 1 + (clip_frames // 2 - 1) // tf * tf)
         inputs = read_last_frames(video, context_frames, fps)
-        inputs = inputs[: 1 + (len(inputs) - 1) // tf * tf]  # on the frame grid
+        if not inputs:
+            raise ValueError(f"{video}: no frame decodes")
+        inputs = inputs[(len(inputs) - 1) % tf :]  # the latest frames on the VAE's frame grid
     if inputs and height is None and width is None:
         height, width = bucket_for(ckpt, autoencoder, model.patch_size, inputs[0])
     shape = latent_shape_for(ckpt, autoencoder, frames, height, width)
