@@ -60,7 +60,21 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--output", "-o", default="sample.mp4", help="mp4 to write")
     p.add_argument("--steps", type=int, help="ODE steps (default: the config's sample.steps)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
+    p.add_argument(
+        "--cfg-scale", "--guidance", dest="cfg_scale", type=float, help="text guidance scale; 1 disables it"
+    )
+    p.add_argument(
+        "--frame-guidance",
+        type=float,
+        help="guidance scale of the given frames (--image, --video; default: the config's sample.frame_cfg_scale)",
+    )
+    p.add_argument("--image", help="a still image as the first frame (image-to-video)")
+    p.add_argument("--end-image", help="with --image: a still image as the last frame (interpolation)")
+    p.add_argument("--video", help="a clip to continue: its last frames are given (needs --extend)")
+    p.add_argument("--extend", type=float, metavar="SECONDS", help="with --video: seconds to add after the clip")
+    p.add_argument(
+        "--context-frames", type=int, help="with --video: how many of its last frames to give (default: half a clip)"
+    )
     p.add_argument("--shift", type=float, help="timestep shift")
     p.add_argument("--seed", type=int)
     p.add_argument("--fps", type=float)
@@ -85,6 +99,7 @@ def handle_sample(args: argparse.Namespace) -> int:
         args.output,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
+        frame_cfg_scale=args.frame_guidance,
         shift=args.shift,
         seed=args.seed,
         fps=args.fps,
@@ -95,6 +110,11 @@ def handle_sample(args: argparse.Namespace) -> int:
         use_ema=not args.no_ema,
         device=args.device,
         upsample_model=args.upsample_model,
+        image=args.image,
+        end_image=args.end_image,
+        video=args.video,
+        extend=args.extend,
+        context_frames=args.context_frames,
     )
     print(f"recap sample: {result.path} ({result.frames} frames, {result.width}x{result.height})")
     return 0
@@ -106,6 +126,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_train_arguments(p)
     p.set_defaults(handler=handle_train)
-    p = subparsers.add_parser("sample", help="sample a video from a training checkpoint for a prompt")
+    p = subparsers.add_parser(
+        "sample", help="sample a video from a training checkpoint for a prompt (and a still, two stills or a clip)"
+    )
     add_sample_arguments(p)
     p.set_defaults(handler=handle_sample)

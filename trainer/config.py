@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import ConfigError, load_yaml_config, validate_config
 
@@ -96,6 +96,37 @@ class OptimConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
 
 
+class ConditioningConfig(_Section):
+    """Frame-conditioned training: the share of samples that get some latent frames given clean (no loss on them).
+
+    The rest of the samples train text-only, which is also the frame-free prediction frame guidance needs.
+    """
+
+    image: float = Field(0.0, ge=0, le=1, description="share given their first latent frame (image-to-video)")
+    prefix: float = Field(0.0, ge=0, le=1, description="share given a prefix of latent frames (extension)")
+    ends: float = Field(0.0, ge=0, le=1, description="share given their first and last latent frames (interpolation)")
+    prefix_min: int = Field(1, ge=1, description="shortest prefix, in latent frames")
+    prefix_max: int | None = Field(
+        None, ge=1, description="longest prefix, in latent frames; null (and any longer value): all frames but one"
+    )
+    noise: float = Field(
+        0.0, ge=0, lt=1, description="noise level t of the given frames (0: clean); the model is told it per frame"
+    )
+
+    @model_validator(mode="after")
+    def _shares_and_range(self) -> ConditioningConfig:
+        total = self.image + self.prefix + self.ends
+        if total > 1 + 1e-9:
+            raise ValueError(f"image + prefix + ends = {total:g}: the shares must sum to at most 1")
+        if self.prefix_max is not None and self.prefix_max < self.prefix_min:
+            raise ValueError(f"prefix_max {self.prefix_max} is below prefix_min {self.prefix_min}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.image + self.prefix + self.ends > 0
+
+
 class LoopConfig(_Section):
     steps: int = Field(1000, ge=1, description="optimizer steps of the run (also the LR schedule's length)")
     seed: int = 0
@@ -108,6 +139,9 @@ class LoopConfig(_Section):
         "auto", description="with several processes: auto = FSDP on GPU for presets of >= fsdp_min_params, else DDP"
     )
     fsdp_min_params: int = Field(300_000_000, ge=0)
+    conditioning: ConditioningConfig = Field(
+        default_factory=ConditioningConfig, description="frame-conditioned training (all shares 0: text only)"
+    )
     log_every: int = Field(10, ge=1, description="console line every N steps (metrics.jsonl gets every step)")
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -125,7 +159,10 @@ class LoopConfig(_Section):
 
 class SampleConfig(_Section):
     steps: int = Field(30, ge=1)
-    cfg_scale: float = Field(5.0, ge=0)
+    cfg_scale: float = Field(5.0, ge=0, description="text guidance scale; 1: no text guidance")
+    frame_cfg_scale: float = Field(
+        1.0, ge=0, description="guidance scale of given frames (image, video prefix); 1: no frame guidance"
+    )
     shift: float = Field(1.0, gt=0, description="timestep shift; > 1 spends more steps at high noise")
     fps: float = Field(8.0, gt=0)
     seed: int = 0

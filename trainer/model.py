@@ -19,7 +19,22 @@ from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x (B, N, D) shifted and scaled per sample (shift (B, D)) or per frame group (shift (B, G, D): the N tokens
+    are G equal runs, one per latent frame group, as `patchify` orders them)."""
+    if shift.dim() == 2:
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    b, n, d = x.shape
+    g = shift.shape[1]
+    return (x.view(b, g, n // g, d) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(b, n, d)
+
+
+def gated(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (B, N, D) times a gate per sample (B, D) or per frame group (B, G, D), like `modulate`."""
+    if gate.dim() == 2:
+        return gate.unsqueeze(1) * y
+    b, n, d = y.shape
+    g = gate.shape[1]
+    return (gate.unsqueeze(2) * y.view(b, g, n // g, d)).view(b, n, d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +229,10 @@ class DiTBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin))
         x = x + self.cross_attn(self.norm2(x), context, context_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        x = x + gated(gate_mlp, self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -229,7 +244,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -299,12 +314,28 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        frame_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """v for x_t (B, C, T, H, W) at noise levels t (B,); `frame_t` (B, T), when given, sets a noise level per
+        latent frame instead (frames given as conditioning sit at 0 or a small level, as in LTX-Video)."""
         size = x.shape[-3:]
         tokens, grid = patchify(pad_to_patch(x, self.patch_size), self.patch_size)
         h = self.x_embedder(tokens)
         context, context_mask, pooled = self.y_embedder(text, text_mask)
-        c = self.t_embedder(t) + pooled
+        if frame_t is None:
+            c = self.t_embedder(t) + pooled
+        else:
+            # One conditioning vector per temporal token group; a group spanning several frames (pt > 1) takes the
+            # noisiest of them, so it counts as given only when all its frames are.
+            b, pt = x.shape[0], self.patch_size[0]
+            levels = F.pad(frame_t.float(), (0, (-frame_t.shape[1]) % pt)).view(b, grid[0], pt).amax(-1)
+            c = self.t_embedder(levels.reshape(-1)).view(b, grid[0], -1) + pooled.unsqueeze(1)
         cos, sin = rope_3d(grid, self.args.hidden_size // self.args.num_heads, self.args.rope_theta, x.device)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:

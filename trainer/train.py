@@ -29,6 +29,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from trainer.conditioning import draw_given_frames
 from trainer.config import TrainConfig
 from trainer.data import Corpus, ResumableLoader, open_corpus
 from trainer.distributed import (
@@ -255,10 +256,14 @@ class Trainer:
             log.info("checkpoint: %s", checkpoint_path(self.run_dir, self.step))
         barrier(self.info)
 
-    def _micro_step(self, batch: dict[str, Any], last: bool) -> float:
+    def _micro_step(self, batch: dict[str, Any], last: bool, micro: int = 0) -> float:
         cfg = self.cfg
         x0 = batch["latents"].to(self.info.device, non_blocking=True).float()
         text, mask = self.text(batch)
+        # Frames given as conditioning: a pure function of where this micro-batch sits in the run (exact resume).
+        given = draw_given_frames(
+            cfg.train.conditioning, x0.shape[0], x0.shape[2], cfg.train.seed, self.step, self.info.rank, micro
+        )
         # Gradients are reduced once per optimizer step, on the last micro-batch: DDP through no_sync, FSDP2 by
         # switching its reduce-scatter off (it would otherwise run after every micro-batch's backward).
         sync = contextlib.nullcontext()
@@ -278,6 +283,8 @@ class Trainer:
                     cfg.objective.t_mean,
                     cfg.objective.t_std,
                     cfg.objective.caption_dropout,
+                    given=given,
+                    given_noise=cfg.train.conditioning.noise,
                 )
             (loss / cfg.optim.grad_accum).backward()
         return float(loss.detach())
@@ -288,7 +295,7 @@ class Trainer:
         start = time.perf_counter()
         losses, samples, tokens = [], 0, 0
         for micro, batch in enumerate(batches):
-            losses.append(self._micro_step(batch, micro == len(batches) - 1))
+            losses.append(self._micro_step(batch, micro == len(batches) - 1, micro))
             samples += len(batch["keys"])
             tokens += len(batch["keys"]) * tokens_per_sample(batch["latents"].shape, self.module.patch_size)
         grad_norm = None

@@ -31,3 +31,18 @@ def test_bad_values_name_key_value_and_allowed():
         load_train_config(None, ["model.preset=XXL"])
     with pytest.raises(TrainConfigError, match=r"optim\.schedule: 'linear' is not allowed.*'cosine' or 'constant'"):
         load_train_config(None, ["optim.schedule=linear"])
+
+
+def test_conditioning_shares_and_keys_are_checked():
+    cfg = load_train_config(None, ["train.conditioning.image=0.2", "train.conditioning.prefix=0.1"])
+    assert cfg.train.conditioning.enabled and not load_train_config(None).train.conditioning.enabled
+    with pytest.raises(TrainConfigError, match=r"train\.conditioning: .*image \+ prefix \+ ends = 1\.2.*at most 1"):
+        load_train_config(None, ["train.conditioning.image=0.7", "train.conditioning.ends=0.5"])
+    with pytest.raises(TrainConfigError, match=r"train\.conditioning\.image: 1\.5 is not allowed"):
+        load_train_config(None, ["train.conditioning.image=1.5"])
+    with pytest.raises(
+        TrainConfigError, match=r"train\.conditioning\.video: unknown key \(value 0\.1\).*allowed.*prefix"
+    ):
+        load_train_config(None, ["train.conditioning.video=0.1"])
+    with pytest.raises(TrainConfigError, match=r"prefix_max 1 is below prefix_min 2"):
+        load_train_config(None, ["train.conditioning.prefix_min=2", "train.conditioning.prefix_max=1"])

@@ -30,10 +30,11 @@ def _torchrun(config, corpus: Path, run: Path, *extra: str) -> None:
 
 
 def _config(make_config, parallel: str):
-    # Epoch mode: each rank reads its own shard of the two, so the ranks' batches are disjoint.
+    # Epoch mode: each rank reads its own shard of the two, so the ranks' batches are disjoint. Frame conditioning
+    # on: per-frame timesteps must shard and reduce under FSDP as under DDP.
     return make_config(
         data={"batch_size": 2, "resampled": False, "window_shards": 1},
-        train={"log_batch_keys": True, "parallel": parallel},
+        train={"log_batch_keys": True, "parallel": parallel, "conditioning": {"image": 0.5, "ends": 0.25}},
     )
 
 

@@ -55,3 +55,48 @@ def test_warmup_then_cosine_to_the_floor():
     assert values[60] == pytest.approx(0.55, abs=0.01)
     assert values[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+
+
+def test_given_frames_are_kept_and_guidance_on_text_and_frames_follows_the_exact_field():
+    x0 = torch.randn(2, 4, 3, 2, 2)
+    noise = torch.randn_like(x0)
+    given = torch.tensor([[True, False, False], [True, False, True]])
+    seen = []
+
+    def exact(x, t, text, mask, frame_t=None):
+        seen.append(frame_t)
+        target = torch.cat([x0] * (x.shape[0] // x0.shape[0]))
+        return (x - target) / t.view(-1, 1, 1, 1, 1).clamp_min(1e-6)
+
+    text, mask = torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.bool)
+    for cfg_scale, frame_scale, batch in ((1.0, 1.0, 2), (4.0, 1.0, 4), (1.0, 3.0, 4), (4.0, 3.0, 6)):
+        seen.clear()
+        out = euler_sample(
+            exact, noise, text, mask, 3, cfg_scale, given=given, given_latents=x0, frame_cfg_scale=frame_scale
+        )
+        assert torch.allclose(out, x0, atol=1e-5)
+        assert torch.equal(
+            out[given[:, None, :, None, None].expand_as(out)], x0[given[:, None, :, None, None].expand_as(x0)]
+        )
+        assert seen[0].shape == (batch, 3)  # one model call per step holds every guidance branch
+        assert (seen[0][:2][given] == 0).all() and (seen[0][:2][~given] == 1).all()  # given frames at t = 0
+
+
+def test_given_frames_carry_no_loss():
+    x0 = torch.randn(2, 4, 3, 2, 2)
+    given = torch.tensor([[True, False, False], [False, False, False]])
+    text, mask = torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.bool)
+    calls = {}
+
+    def exact_but_given(xt, t, text, mask, frame_t=None):  # the true velocity, garbage on the given frames
+        calls["frame_t"] = frame_t
+        noise = (xt - (1 - frame_t[:, None, :, None, None]) * x0) / frame_t[:, None, :, None, None]
+        return torch.where(given[:, None, :, None, None], torch.full_like(xt, 100.0), noise - x0)
+
+    loss = flow_matching_loss(exact_but_given, x0, text, mask, torch.Generator().manual_seed(0), given=given)
+    assert float(loss) < 1e-8
+    assert (calls["frame_t"][given] == 0).all() and (calls["frame_t"][~given] > 0).all()
+    noisy = flow_matching_loss(
+        exact_but_given, x0, text, mask, torch.Generator().manual_seed(0), given=given, given_noise=0.1
+    )
+    assert float(noisy) < 1e-8 and torch.allclose(calls["frame_t"][given], torch.tensor(0.1))

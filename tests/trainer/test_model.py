@@ -127,3 +127,19 @@ def test_gpu_peaks_match_whole_names():
     assert peak_for_name("NVIDIA L40") == 181.05 and peak_for_name("NVIDIA L40S") == 362.05
     assert peak_for_name("NVIDIA L4") == 121.0
     assert peak_for_name("NVIDIA A10G") is None and peak_for_name("NVIDIA GeForce RTX 4090") is None
+
+
+def test_per_frame_timesteps_equal_to_t_match_the_per_sample_path_and_given_frames_change_it():
+    torch.manual_seed(0)
+    model = build_model("tiny", 4, 8, patch_size=(2, 2, 2))
+    for p in model.parameters():  # adaLN-Zero starts at zero velocity: perturb so timesteps matter
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 4, 5, 6, 6), torch.rand(2)
+    text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    same = model(x, t, text, mask, frame_t=t[:, None].expand(2, 5))
+    assert torch.allclose(model(x, t, text, mask), same, atol=1e-5)
+    frame_t = t[:, None].expand(2, 5).clone()
+    frame_t[:, 0] = 0.0  # frame 0 shares its patch (pt=2) with noisy frame 1: that token stays noisy
+    assert torch.allclose(model(x, t, text, mask, frame_t=frame_t), same, atol=1e-5)
+    frame_t[:, 1] = 0.0
+    assert not torch.allclose(model(x, t, text, mask, frame_t=frame_t), same, atol=1e-3)

@@ -27,10 +27,15 @@ def test_overfits_a_handful_of_real_latents(overfit_corpus, make_config, metrics
 
 
 def test_resume_midway_gives_the_same_weights_and_data_order(overfit_corpus, make_config, metrics_of, tmp_path):
-    # Two DataLoader workers and an odd split (3 + 3): the resumed loader must rotate its workers.
+    # Two DataLoader workers and an odd split (3 + 3): the resumed loader must rotate its workers. Frame
+    # conditioning is on: its per-sample draws must come out the same after the resume too.
     cfg = make_config(
         data={"batch_size": 2, "num_workers": 2, "window_shards": 3},
-        train={"steps": 6, "log_batch_keys": True},
+        train={
+            "steps": 6,
+            "log_batch_keys": True,
+            "conditioning": {"image": 0.3, "prefix": 0.3, "ends": 0.2, "noise": 0.05},
+        },
     )
     train(cfg, str(overfit_corpus), tmp_path / "straight")
     assert train(cfg, str(overfit_corpus), tmp_path / "resumed", stop_at=3)["step"] == 3
