@@ -55,16 +55,64 @@ def test_torchrun_two_process_ddp(ddp_run, metrics_of):
     assert json.loads((ddp_run / "config.json").read_text())["train"]["steps"] == 3
 
 
-def test_fsdp_run_matches_ddp(ddp_run, overfit_corpus, make_config, metrics_of, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_runs(overfit_corpus, make_config, tmp_path_factory) -> Path:
+    """tests/trainer/fsdp_worker.py under torchrun: FSDP2 accumulation, a 3-step FSDP run, and the same run stopped
+    at step 2 and resumed (through a file:// run directory)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    config_file = out / "config.yaml"
+    cfg = _config(make_config, "fsdp").to_dict()
+    cfg["train"]["steps"] = 3
+    config_file.write_text(yaml.safe_dump(cfg))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(ROOT / "tests" / "trainer" / "fsdp_worker.py"), str(config_file), str(overfit_corpus), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_fsdp_run_matches_ddp(ddp_run, fsdp_runs, metrics_of):
     # FSDP2 on CPU (gloo): the same data and, within float tolerance, the same weights as the DDP run.
-    run = tmp_path / "run"
-    _torchrun(_config(make_config, "fsdp"), overfit_corpus, run, "--steps", "3")
+    run = fsdp_runs / "fsdp"
     assert [r["batch_keys"] for r in metrics_of(run)] == [r["batch_keys"] for r in metrics_of(ddp_run)]
     fsdp, ddp = load_checkpoint(run), load_checkpoint(ddp_run)
     assert fsdp["step"] == 3
     for part in ("model", "ema"):
         for name, tensor in ddp[part].items():
             assert torch.allclose(fsdp[part][name], tensor, atol=1e-5, rtol=1e-4), (part, name)
+
+
+def test_sharded_checkpoint_resumes_fsdp_exactly(fsdp_runs, metrics_of):
+    # Every rank wrote its own shards (no gathered copy), and the run stopped at step 2 and resumed from them
+    # (through a file:// URI) ends where the uninterrupted run ends: the same weights, EMA and batches.
+    straight, resumed = fsdp_runs / "fsdp", fsdp_runs / "resumed"
+    step3 = resumed / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in step3.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    meta = json.loads((step3 / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 3
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    a, b = load_checkpoint(straight, optimizer=True), load_checkpoint(resumed, optimizer=True)
+    assert a["step"] == b["step"] == 3 and len(b["data"]["ranks"]) == 2
+    for part in ("model", "ema"):
+        for name, tensor in a[part].items():
+            assert torch.allclose(tensor, b[part][name], atol=1e-6, rtol=0), (part, name)
+    for name, state in a["optimizer"]["state"].items():
+        assert torch.allclose(state["exp_avg_sq"], b["optimizer"]["state"][name]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    assert a["data"] == b["data"]
+    assert [r["batch_keys"] for r in metrics_of(straight)] == [r["batch_keys"] for r in metrics_of(resumed)]
+    assert [r["step"] for r in metrics_of(resumed)] == [1, 2, 3]
+
+
+def test_fsdp2_accumulation_matches_one_big_batch(fsdp_runs):
+    # 2 ranks x 2 micro-batches of 1, reduce-scatter only after the last, against the 4 samples at once.
+    result = torch.load(fsdp_runs / "accumulation.pt", weights_only=True)
+    assert result["grads_after_first_micro"] == 0
+    for name, grad in result["big_batch"].items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(result["accumulated"][name], grad, atol=1e-6, rtol=1e-4), name
 
 
 def test_ray_train_two_workers(ray_session, overfit_corpus, make_config, metrics_of, tmp_path):
