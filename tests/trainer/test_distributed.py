@@ -137,3 +137,24 @@ def test_multi_node_runs_refuse_a_run_directory_on_one_machines_disk(tmp_path):
         check_shared_run_dir(tmp_path / "run", nodes=2)
     check_shared_run_dir(tmp_path / "run", nodes=2, assume_shared=True)
     assert filesystem_of("/dev/shm") == "tmpfs"
+
+
+def test_sample_and_export_read_a_sharded_checkpoint(fsdp_runs, tmp_path):
+    import argparse
+
+    from trainer.cli import add_commands
+    from trainer.sample import sample_video
+
+    run = f"file://{fsdp_runs / 'resumed'}"
+    result = sample_video(run, "a rabbit", tmp_path / "clip.mp4", steps=1, frames=1)
+    assert result.frames == 1 and (tmp_path / "clip.mp4").stat().st_size > 0
+    parser = argparse.ArgumentParser(prog="recap")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export-checkpoint", run, "--output", str(tmp_path / "weights.pt")])
+    assert args.handler(args) == 0
+    exported = torch.load(tmp_path / "weights.pt", weights_only=True)
+    sharded = load_checkpoint(fsdp_runs / "resumed")
+    assert exported["step"] == 3 and "optimizer" not in exported and exported["model_args"] == sharded["model_args"]
+    for part in ("model", "ema"):
+        for name, tensor in sharded[part].items():
+            assert torch.equal(exported[part][name], tensor), (part, name)
