@@ -14,6 +14,7 @@ import json
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,12 @@ def load_sharded(path: str, state: dict[str, Any], rank: int | None) -> dict[str
     request = dict(state)
     if rank is not None:
         request[f"rank_{rank}"] = (None,)
-    dcp.load(request, storage_reader=_reader(path), planner=_planners()[0]())
+    import torch.distributed as dist
+
+    alone = not (dist.is_available() and dist.is_initialized())  # one process resuming a multi-rank run
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # that is the intent
+        dcp.load(request, storage_reader=_reader(path), planner=_planners()[0](), no_dist=alone)
     state.update({k: v for k, v in request.items() if k in state})
     return request[f"rank_{rank}"][0] if rank is not None else None
 
