@@ -98,7 +98,7 @@ def load_checkpoint(
 
     # As torch's dcp_to_torch_save does (dcp.load fills only keys it is given), with the safe reader and planner.
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_reader(path), planner=_SafeEmptyPlanner(keys=keys), no_dist=True)
+    _load_state_dict(state, storage_reader=_reader(path), planner=_safe_planners()[1](keys=keys), no_dist=True)
     ranks = [state.pop(f"rank_{r}")[0] for r in range(meta["world_size"])]
     state.update({k: v for k, v in meta.items() if k != "world_size"})
     state["data"] = {"ranks": [r["data"] for r in ranks]}
@@ -207,14 +207,12 @@ def _safe_planner(base: type) -> type:
     return SafePlanner
 
 
-def _planners() -> tuple[type, type]:
+def _safe_planners() -> tuple[type, type]:
+    """DCP's load planner (into a given state dict) and its empty-state-dict variant (rebuilds the checkpoint's
+    own layout, as dcp_to_torch_save does), both with safe non-tensor loads."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 
     return _safe_planner(DefaultLoadPlanner), _safe_planner(_EmptyStateDictLoadPlanner)
-
-
-def _SafeEmptyPlanner(keys: set[str]) -> Any:  # noqa: N802
-    return _planners()[1](keys=keys)
 
 
 def save_sharded(path: str, state: dict[str, Any], own: dict[str, Any], meta: dict[str, Any], rank: int) -> None:
@@ -251,7 +249,7 @@ def load_sharded(path: str, state: dict[str, Any], rank: int | None) -> dict[str
     alone = not (dist.is_available() and dist.is_initialized())  # one process resuming a multi-rank run
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # that is the intent
-        dcp.load(request, storage_reader=_reader(path), planner=_planners()[0](), no_dist=alone)
+        dcp.load(request, storage_reader=_reader(path), planner=_safe_planners()[0](), no_dist=alone)
     state.update({k: v for k, v in request.items() if k in state})
     return request[f"rank_{rank}"][0] if rank is not None else None
 
