@@ -296,20 +296,15 @@ class Trainer:
         if self.info.distributed:
             self._checkpoint_sharded()
             return
-        model_state = full_model_state(self.model)
-        ema_state = self.ema.state_dict()
-        optim_state = optimizer_state(self.model, self.optimizer, self.fsdp)
-        data_states = all_gather_objects(self.loader.state_dict(), self.info)
-        rngs = all_gather_objects(rng_state(), self.info)
-        generators = all_gather_objects(self.generator.get_state().cpu(), self.info)
+        # One process: one file, in the layout `recap sample` and older runs use (per-rank lists of one).
         state = {
             **self._meta(),
-            "model": model_state,
-            "ema": ema_state,
-            "optimizer": optim_state,
-            "data": {"ranks": data_states},
-            "rng": rngs,
-            "generator": generators,
+            "model": full_model_state(self.model),
+            "ema": self.ema.state_dict(),
+            "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
+            "data": {"ranks": [self.loader.state_dict()]},
+            "rng": [rng_state()],
+            "generator": [self.generator.get_state().cpu()],
         }
         save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
@@ -323,8 +318,8 @@ class Trainer:
         own = {"data": self.loader.state_dict(), "rng": rng_state(), "generator": self.generator.get_state().cpu()}
         path = checkpoint_path(self.run_dir, self.step, sharded=True)
         meta = {**self._meta(), "world_size": self.info.world_size}
-        save_sharded(path, {"model": model_state, "ema": self.ema.params, "optimizer": optim_state}, own, meta,
-                     self.info.rank)  # fmt: skip
+        state = {"model": model_state, "ema": self.ema.params, "optimizer": optim_state}
+        save_sharded(path, state, own, meta, self.info.rank)
         if self.info.is_main:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
             log.info("checkpoint: %s", path)
