@@ -3,8 +3,8 @@
 One process writes `step-NNNNNNNN.pt`: tensors and plain values, loaded with torch.load(weights_only=True). Several
 ranks write `step-NNNNNNNN/` with torch.distributed.checkpoint (DCP): each rank its own shards of model, EMA and
 optimizer plus its own data position and RNG (`rank_R`), rank 0 the run's metadata (`meta.json`). Both are written
-under a temporary name and renamed; a directory counts only once `meta.json` is in it (written last), so a reader
-never picks half a checkpoint. `load_checkpoint` reads either into the same dict (a DCP directory consolidated).
+under a temporary name and renamed (DCP directories on object stores, where a rename is a copy, in place); a
+directory counts only once `meta.json` is in it (written last), so a reader never picks half a checkpoint. `load_checkpoint` reads either into the same dict (a DCP directory consolidated).
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def _writer(path: str) -> Any:
     if rd.is_uri(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        return FsspecWriter(path)
+        # fsspec streams have no file descriptor to fsync: an object is committed when its stream closes.
+        return FsspecWriter(path, sync_files=rd.local_path(path) is not None)
     from torch.distributed.checkpoint import FileSystemWriter
 
     return FileSystemWriter(path)
@@ -217,21 +218,25 @@ def _safe_planners() -> tuple[type, type]:
 
 def save_sharded(path: str, state: dict[str, Any], own: dict[str, Any], meta: dict[str, Any], rank: int) -> None:
     """Every rank (a collective): its shards of `state` (model, EMA, optimizer: DTensors stay sharded) and its own
-    `own` entry (data position, RNG) under `rank_R`; rank 0 renames the finished directory and writes meta.json."""
+    `own` entry (data position, RNG) under `rank_R`; then rank 0 commits: renames the finished directory and writes
+    meta.json into it. On object stores (no rename: a move copies every shard) the directory is written in place
+    and meta.json, one object written last, is the commit alone."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     folder, name = path.rsplit("/", 1)
-    tmp = rd.join(folder, f".{name}.tmp")
+    in_place = rd.local_path(path) is None
+    target = path if in_place else rd.join(folder, f".{name}.tmp")
     if rank == 0:
-        rd.remove(tmp)  # left by an interrupted save of the same step
+        rd.remove(target)  # left by an interrupted save of the same step
         rd.makedirs(folder)
     dist.barrier()
     # dcp.save returns on rank 0 after every rank's files are written and rank 0 wrote .metadata.
     # A tuple is one DCP entry (a dict would be flattened key by key): this rank's state in one small blob.
-    dcp.save({**state, f"rank_{rank}": (own,)}, storage_writer=_writer(tmp))
+    dcp.save({**state, f"rank_{rank}": (own,)}, storage_writer=_writer(target))
     if rank == 0:
-        rd.move(tmp, path)
+        if not in_place:
+            rd.move(target, path)
         rd.write_text(rd.join(path, META), json.dumps(meta, indent=1))  # last: marks the checkpoint complete
     dist.barrier()
 

@@ -58,3 +58,34 @@ def test_checkpoint_metadata_naming_a_foreign_callable_is_refused(tmp_path):
     with pytest.raises(CheckpointException, match=r"refers to (io|builtins)\.open, which DCP does not write"):
         load_checkpoint(tmp_path)
     assert not marker.exists()
+
+
+def test_a_sharded_save_on_an_object_store_uri_commits_with_meta_json(tmp_path):
+    # One gloo rank is enough to run save_sharded's collectives; memory:// stands in for an object store.
+    import fsspec
+    import torch.distributed as dist
+
+    from trainer.checkpoint import save_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    url = f"memory://recap-tests/{tmp_path.name}/run"
+    try:
+        path = f"{url}/checkpoints/step-00000007"
+        state = {"model": {"w": torch.arange(3.0)}, "ema": {"w": torch.ones(3)}}
+        save_sharded(path, state, {"data": {"batches": 7}, "rng": {}, "generator": torch.zeros(1)}, {"step": 7,
+                     "world_size": 1}, rank=0)  # fmt: skip
+        memory = fsspec.filesystem("memory")
+        assert [name.rsplit("/", 1)[1] for name in memory.ls(f"{url}/checkpoints", detail=False)] == [
+            "step-00000007"
+        ]  # written in place: no temporary directory to copy from
+        assert sorted(name.rsplit("/", 1)[1] for name in memory.ls(path, detail=False)) == [
+            ".metadata",
+            "__0_0.distcp",
+            "meta.json",
+        ]
+        ckpt = load_checkpoint(url)
+        assert ckpt["step"] == 7 and ckpt["model"]["w"].tolist() == [0.0, 1.0, 2.0]
+        assert ckpt["data"]["ranks"] == [{"batches": 7}]
+    finally:
+        dist.destroy_process_group()
+        fsspec.filesystem("memory").rm(url, recursive=True)
