@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,10 +118,13 @@ def test_fsdp2_accumulation_matches_one_big_batch(fsdp_runs):
 def test_ray_train_two_workers(ray_session, overfit_corpus, make_config, metrics_of, tmp_path):
     from trainer.train import run_ray
 
+    # The run directory as a file:// URI: the workers' sharded checkpoint and the driver's metrics read go through
+    # fsspec.
     cfg = make_config(data={"batch_size": 2}, train={"steps": 2})
-    summary = run_ray(cfg, str(overfit_corpus), tmp_path / "run", num_workers=2)
+    summary = run_ray(cfg, str(overfit_corpus), f"file://{tmp_path / 'run'}", num_workers=2)
     assert summary["step"] == 2
     assert [r["step"] for r in metrics_of(tmp_path / "run")] == [1, 2]
+    assert latest_checkpoint(tmp_path / "run").endswith("/checkpoints/step-00000002")  # sharded (DCP)
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["step"] == 2 and len(ckpt["data"]["ranks"]) == 2
 
