@@ -1,4 +1,5 @@
-"""Scale-out on CPU: 2-process DDP under torchrun (gloo) and a 2-worker Ray Train run."""
+"""Scale-out on CPU (gloo): 2-process DDP under torchrun, FSDP2 (accumulation, sharded checkpoints and exact resume, one
+torchrun launch of fsdp_worker.py) and a 2-worker Ray Train run."""
 
 from __future__ import annotations
 
