@@ -25,7 +25,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="a corpus directory (or its manifest), a directory of shards, a glob, a brace pattern or shard URLs",
     )
     p.add_argument(
-        "--output", "-o", required=True, help="run directory: metrics.jsonl, checkpoints/ (resumed if present)"
+        "--output",
+        "-o",
+        required=True,
+        help="run directory, a path or an fsspec URI (file://, s3://, ...): metrics.jsonl, checkpoints/ (resumed if "
+        "present)",
     )
     p.add_argument("--steps", type=int, help="optimizer steps of the run (sets train.steps, the LR schedule's length)")
     p.add_argument("--stop-at", type=int, help="stop after this many steps without changing the schedule (preemption)")
@@ -56,7 +60,11 @@ def handle_train(args: argparse.Namespace) -> int:
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory (its latest)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint (a .pt file or a sharded step-N/ directory) or a run directory (its latest); paths or URIs",
+    )
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--output", "-o", default="sample.mp4", help="mp4 to write")
     p.add_argument("--steps", type=int, help="ODE steps (default: the config's sample.steps)")
@@ -120,6 +128,19 @@ def handle_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a sharded step-N/ checkpoint, a .pt file or a run directory (its latest)")
+    p.add_argument("--output", "-o", required=True, help=".pt file to write (a path or an fsspec URI)")
+
+
+def handle_export(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import export_checkpoint
+
+    source = export_checkpoint(args.checkpoint, args.output)
+    print(f"recap export-checkpoint: {source} -> {args.output}")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a diffusion transformer on a corpus's shards (torchrun / --ray to scale out)"
@@ -131,3 +152,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_sample_arguments(p)
     p.set_defaults(handler=handle_sample)
+    p = subparsers.add_parser(
+        "export-checkpoint", help="write one .pt file (weights, EMA, config) from a sharded training checkpoint"
+    )
+    add_export_arguments(p)
+    p.set_defaults(handler=handle_export)

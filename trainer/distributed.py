@@ -235,19 +235,32 @@ def filesystem_of(path: str | os.PathLike) -> str:
     return fstype
 
 
-def check_shared_run_dir(path: str | os.PathLike, nodes: int, assume_shared: bool = False) -> None:
+def check_shared_run_dir(path: str | os.PathLike, nodes: int, assume_shared: bool = False, processes: int = 1) -> None:
     """Every rank reads RUN/ for the latest checkpoint and writes its own state there: with ranks on several
-    nodes, RUN/ must be one shared directory, not each machine's own. Raises StageInputError naming the fix."""
+    nodes, RUN/ must be one shared directory, not each machine's own. RUN may be an fsspec URI: object stores
+    (s3://, gs://, ...) are shared; memory:// is one process's memory, refused for several processes.
+    Raises StageInputError naming the fix."""
     from pipeline.errors import StageInputError
+    from trainer.run_dir import local_path, protocol
 
+    local = local_path(path)
+    if local is None:
+        if protocol(path) == "memory" and processes > 1:
+            raise StageInputError(
+                f"the run directory {path} is in one process's memory, but this run has {processes} processes "
+                "(training ranks, or Ray workers and the driver): use a file:// path or a store every process "
+                "reaches (s3://, gs://, ...)"
+            )
+        return
     if nodes <= 1 or assume_shared:
         return
-    fstype = filesystem_of(path)
+    fstype = filesystem_of(local)
     if any(fstype.lower().startswith(kind) for kind in SHARED_FS_TYPES):
         return
     raise StageInputError(
         f"the run directory {path} is on a {fstype} filesystem of this machine, but the training ranks run on "
         f"{nodes} nodes: each would read and write its own copy of RUN/ (checkpoints, resume positions, metrics). "
         "Put --output on a filesystem every node mounts at the same path (NFS, Lustre, GPFS, a FUSE mount of "
-        "object storage), or set train.assume_shared_run_dir: true if it is shared in a way recap cannot see"
+        "object storage) or on an object store URI (s3://..., gs://...), or set train.assume_shared_run_dir: true "
+        "if it is shared in a way recap cannot see"
     )

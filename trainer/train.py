@@ -20,13 +20,18 @@ from typing import Any
 
 import torch
 
+from trainer import run_dir as rd
 from trainer.checkpoint import (
     checkpoint_path,
+    is_sharded,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded,
     prune_checkpoints,
+    read_meta,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
 )
 from trainer.conditioning import draw_given_frames
@@ -101,29 +106,47 @@ def tokens_per_sample(shape: Sequence[int], patch: Sequence[int]) -> int:
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per step), console lines, and TensorBoard scalars when asked for; rank 0 only."""
+    """metrics.jsonl (one object per step), console lines, and TensorBoard scalars when asked for; rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    On a local run directory each line is appended as it comes; on other fsspec URIs (object stores cannot append)
+    the file is rewritten whole at every `flush` (each checkpoint) and at `close`."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None  # noqa: SIM115
+        self.path = rd.join(run_dir, "metrics.jsonl")
+        local = rd.local_path(run_dir)
+        self.file = open(rd.join(local, "metrics.jsonl"), "a", buffering=1) if enabled and local else None  # noqa: SIM115
+        self.lines: list[str] | None = None
+        if enabled and local is None:
+            self.lines = rd.read_text(self.path).splitlines(keepends=True) if rd.exists(self.path) else []
         self.tb = None
         if enabled and tensorboard:
+            if local is None:
+                raise ValueError(f"train.tensorboard writes event files to a local directory; {run_dir} is not one")
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ImportError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(rd.join(local, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+        else:
+            self.lines.append(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, int | float) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
+    def flush(self) -> None:
+        if self.lines is not None:
+            rd.write_text(self.path, "".join(self.lines))
+
     def close(self) -> None:
+        self.flush()
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
@@ -150,7 +173,7 @@ def train(
     info = init_distributed(config.train.device, device)
     _setup_logging(info)
     try:
-        return Trainer(config, data, Path(output), info).run(stop_at)
+        return Trainer(config, data, rd.normalize(output), info).run(stop_at)
     finally:
         cleanup(info)
 
@@ -158,13 +181,15 @@ def train(
 class Trainer:
     """One rank's model, optimizer, EMA, loader and run directory; `run` trains, `train_step` is one step."""
 
-    def __init__(self, config: TrainConfig, data: str | list[str], run_dir: Path, info: DistInfo):
+    def __init__(self, config: TrainConfig, data: str | list[str], run_dir: str, info: DistInfo):
         self.cfg = config
         self.info = info
-        self.run_dir = run_dir
+        self.run_dir = run_dir  # a local path or an fsspec URI (trainer.run_dir)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))  # torchrun: ranks on this node
-        check_shared_run_dir(run_dir, -(-info.world_size // max(1, local)), config.train.assume_shared_run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        nodes = -(-info.world_size // max(1, local))
+        check_shared_run_dir(run_dir, nodes, config.train.assume_shared_run_dir, processes=info.world_size)
+        if info.is_main:
+            rd.makedirs(run_dir)
         cfg = config
         self.corpus: Corpus = open_corpus(data, cfg.data)
         log.info("data: %s", self.corpus.summary())
@@ -207,6 +232,8 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return None
+        if is_sharded(path):
+            return self._resume_sharded(path)
         ckpt = load_checkpoint(path)
         load_model_state(self.model, ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
@@ -226,34 +253,77 @@ class Trainer:
         self.generator.set_state(ckpt["generator"][self.info.rank].to("cpu"))
         return ranks[self.info.rank]
 
+    def _resume_sharded(self, path: str) -> dict[str, Any] | None:
+        # Each rank reads its own shards of model, EMA and optimizer (resharded if the world size changed) and, when
+        # the world size is the same, its own data position and RNG.
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = read_meta(path)
+        same_world = meta["world_size"] == self.info.world_size
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "ema": self.ema.params, "optimizer": optim_state}
+        own = load_sharded(path, state, self.info.rank if same_world else None)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step = int(meta["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        if own is None:
+            log.warning(
+                "the checkpoint was written by %d ranks, this run has %d: data restarts from fresh positions",
+                meta["world_size"],
+                self.info.world_size,
+            )
+            return None
+        set_rng_state(own["rng"])
+        self.generator.set_state(own["generator"].to("cpu"))
+        return own["data"]
+
+    def _meta(self) -> dict[str, Any]:
+        """The run's plain values saved with every checkpoint (what `recap sample` needs besides the weights)."""
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "model_args": self.module.args.to_dict(),
+            "config": self.cfg.to_dict(),
+            "vae": dict(self.corpus.vae),
+            "latent_shape": list(self.corpus.latent_shape),
+            "text_encoder": self.text_encoder_id,
+            "text_max_length": self.cfg.data.text_max_length,
+        }
+
     def _checkpoint(self) -> None:
-        # Collectives first (every rank), then rank 0 writes.
-        model_state = full_model_state(self.model)
-        ema_state = self.ema.state_dict()
-        optim_state = optimizer_state(self.model, self.optimizer, self.fsdp)
-        data_states = all_gather_objects(self.loader.state_dict(), self.info)
-        rngs = all_gather_objects(rng_state(), self.info)
-        generators = all_gather_objects(self.generator.get_state().cpu(), self.info)
+        if self.info.distributed:
+            self._checkpoint_sharded()
+            return
+        # One process: one file, in the layout `recap sample` and older runs use (per-rank lists of one).
+        state = {
+            **self._meta(),
+            "model": full_model_state(self.model),
+            "ema": self.ema.state_dict(),
+            "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
+            "data": {"ranks": [self.loader.state_dict()]},
+            "rng": [rng_state()],
+            "generator": [self.generator.get_state().cpu()],
+        }
+        save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        log.info("checkpoint: %s", checkpoint_path(self.run_dir, self.step))
+
+    def _checkpoint_sharded(self) -> None:
+        # Every rank writes its own shards (FSDP: DTensors are never gathered) and its own data position and RNG.
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        own = {"data": self.loader.state_dict(), "rng": rng_state(), "generator": self.generator.get_state().cpu()}
+        path = checkpoint_path(self.run_dir, self.step, sharded=True)
+        meta = {**self._meta(), "world_size": self.info.world_size}
+        state = {"model": model_state, "ema": self.ema.params, "optimizer": optim_state}
+        save_sharded(path, state, own, meta, self.info.rank)
         if self.info.is_main:
-            state = {
-                "step": self.step,
-                "model": model_state,
-                "ema": ema_state,
-                "optimizer": optim_state,
-                "scheduler": self.scheduler.state_dict(),
-                "data": {"ranks": data_states},
-                "rng": rngs,
-                "generator": generators,
-                "model_args": self.module.args.to_dict(),
-                "config": self.cfg.to_dict(),
-                "vae": dict(self.corpus.vae),
-                "latent_shape": list(self.corpus.latent_shape),
-                "text_encoder": self.text_encoder_id,
-                "text_max_length": self.cfg.data.text_max_length,
-            }
-            save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-            log.info("checkpoint: %s", checkpoint_path(self.run_dir, self.step))
+            log.info("checkpoint: %s", path)
         barrier(self.info)
 
     def _micro_step(self, batch: dict[str, Any], last: bool, micro: int = 0) -> float:
@@ -337,7 +407,7 @@ class Trainer:
         target = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         metrics = MetricsLog(self.run_dir, self.info.is_main, cfg.train.tensorboard)
         if self.info.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            rd.write_text(rd.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
         record: dict[str, Any] = {"loss": float("nan")}
         self.model.train()
         try:
@@ -365,10 +435,11 @@ class Trainer:
                     )
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == target:
                     self._checkpoint()
+                    metrics.flush()
         finally:
             metrics.close()
             self.loader.close()
-        return {"step": self.step, "loss": record["loss"], "run_dir": str(self.run_dir), "params": self.num_params}
+        return {"step": self.step, "loss": record["loss"], "run_dir": self.run_dir, "params": self.num_params}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,10 +474,11 @@ def run_ray(
 
     if not ray.is_initialized():
         ray.init(address=address)
-    output = Path(output).absolute()
+    output = rd.normalize(output)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    check_shared_run_dir(output, min(nodes, num_workers), config.train.assume_shared_run_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    # The driver reads metrics.jsonl too: one process more than the workers.
+    check_shared_run_dir(output, min(nodes, num_workers), config.train.assume_shared_run_dir, num_workers + 1)
+    rd.makedirs(output)
     data = [str(Path(d).absolute()) if Path(d).exists() else d for d in ([data] if isinstance(data, str) else data)]
     trainer = TorchTrainer(
         _ray_worker,
@@ -418,12 +490,12 @@ def run_ray(
             "use_gpu": use_gpu,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name="ray", storage_path=str(output)),
+        run_config=RunConfig(name="ray", storage_path=rd.local_path(output) or output),
     )
     trainer.fit()  # raises TrainingFailedError when a worker fails
     # Ray Train v2 keeps reported metrics only with a reported checkpoint; ours are in the run directory.
-    last = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"step": int(last["step"]), "loss": float(last["loss"]), "run_dir": str(output)}
+    last = json.loads(rd.read_text(rd.join(output, "metrics.jsonl")).splitlines()[-1])
+    return {"step": int(last["step"]), "loss": float(last["loss"]), "run_dir": output}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,7 +65,7 @@ def test_mixed_shapes_with_a_text_encoder_and_accumulation(
     assert summary["step"] == 4 and [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(len(r["batch_keys"][0]) == 4 for r in records)  # 2 micro-batches of 2 per step
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in records)
-    assert latest_checkpoint(tmp_path / "run").name == "step-00000004.pt"
+    assert latest_checkpoint(tmp_path / "run").endswith("/checkpoints/step-00000004.pt")
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == 1
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["text_encoder"] == str(text_encoder_dir) and ckpt["model_args"]["text_dim"] == 32
