@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import av
 import numpy as np
 import pytest
@@ -27,6 +29,13 @@ TRUTH: dict[str, tuple[list[int], list[tuple[int, int]]]] = {
     "bottle-detection.mp4": ([], []),
     "av1_video.mkv": ([], []),
 }
+
+
+@functools.cache
+def _detect(path: str, detector: str) -> dict:
+    """detect_scenes with the default config of `detector`, once per (video, detector) for the whole module (the
+    F1 test and the targeted tests below read the same videos; TransNetV2 is the slow part of this file)."""
+    return detect_scenes(path, SplitConfig(detector=detector))
 
 
 def _in_span(frame: int, spans: list[tuple[int, int]]) -> bool:
@@ -56,11 +65,10 @@ def test_match_cuts_scores_misses_and_false_cuts():
 
 @pytest.mark.parametrize("detector", ["content", "adaptive", "transnetv2"])
 def test_hard_cut_f1_on_real_videos(videos_dir, detector):
-    cfg = SplitConfig(detector=detector)
     tp = fp = fn = 0
     report = []
     for name, (cuts, spans) in TRUTH.items():
-        found = detect_scenes(str(videos_dir / name), cfg)
+        found = _detect(str(videos_dir / name), detector)
         detected = [start for start, _end in found["scenes"][1:]]
         t, f, n = match_cuts(detected, cuts, spans)
         tp, fp, fn = tp + t, fp + f, fn + n
@@ -76,7 +84,7 @@ def test_content_detector_reproduces_pyscenedetect_goldens(videos_dir):
 
     for video in ("testvideo.mp4", "counter.mp4", "fades.mp4"):
         golden = json.loads((videos_dir / "goldens" / f"{video}.ContentDetector.default.json").read_text())
-        found = detect_scenes(str(videos_dir / video), SplitConfig(detector="content"))
+        found = _detect(str(videos_dir / video), "content")
         assert [s for s, _ in found["scenes"][1:]] == golden["cuts"], video
 
 
@@ -94,7 +102,7 @@ def _gray_frames(path: str, indices: set[int]) -> dict[int, np.ndarray]:
 def test_scene_boundaries_are_frame_exact(videos_dir):
     """At every detected start frame the picture changes; one frame either side it does not."""
     path = str(videos_dir / "testvideo.mp4")
-    found = detect_scenes(path, SplitConfig(detector="content"))
+    found = _detect(path, "content")
     starts = [s for s, _ in found["scenes"][1:]]
     assert starts == [30, 180, 394]
     frames = _gray_frames(path, {i for s in (30, 180) for i in (s - 2, s - 1, s, s + 1)})
@@ -109,15 +117,15 @@ def test_scene_boundaries_are_frame_exact(videos_dir):
 
 def test_transnetv2_finds_gradual_transitions_content_misses(videos_dir):
     path = str(videos_dir / "testvideo.mp4")
-    learned = [s for s, _ in detect_scenes(path, SplitConfig(detector="transnetv2"))["scenes"][1:]]
-    content = [s for s, _ in detect_scenes(path, SplitConfig(detector="content"))["scenes"][1:]]
+    learned = [s for s, _ in _detect(path, "transnetv2")["scenes"][1:]]
+    content = [s for s, _ in _detect(path, "content")["scenes"][1:]]
     dissolve = [s for s in learned if 530 <= s <= 560]
     assert dissolve and not [s for s in content if 530 <= s <= 560]
 
 
 def test_counter_video_cuts_found_by_learned_detector(videos_dir):
     """counter.mp4 changes colour after frames 10 and 20 (0-based); its labels give frame numbers."""
-    found = detect_scenes(str(videos_dir / "counter.mp4"), SplitConfig(detector="transnetv2"))
+    found = _detect(str(videos_dir / "counter.mp4"), "transnetv2")
     starts = [s for s, _ in found["scenes"][1:]]
     assert len(starts) == 2 and abs(starts[0] - 10) <= 1 and abs(starts[1] - 20) <= 1
 
