@@ -17,10 +17,17 @@ def _table(out: Path, name: str):
     return pads.dataset(str(out / "manifest" / name), format="parquet", ignore_prefixes=[".", "_"]).to_table()
 
 
+# The filter runs with its (tiny) CLIP model and no thresholds: every clip split keeps, and each gets the
+# clip embedding the caption stage scores its caption against (score_caption_match).
+MATCHED = [
+    "filter.dedup.enabled=false",
+    *(f"filter.thresholds.{name}=null" for name in ("motion", "frozen", "sharpness", "brightness", "black")),
+]
+
+
 def _config(*overrides: str):
     return load_config(
-        PROJECT_ROOT / "configs" / "smoke.yaml",
-        ["ray.progress=off", "split.max_clip_s=null", "filter.clip.model=null", *overrides],
+        PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off", "split.max_clip_s=null", *MATCHED, *overrides]
     )
 
 
@@ -29,7 +36,7 @@ def captioned(ray_session, videos_dir, tmp_path_factory):
     # Tiny models are cached where Ray's workers look ($RECAP_CACHE as the session started, else ~/.cache/recap).
     out = tmp_path_factory.mktemp("captioned")
     inputs = [str(videos_dir / "testvideo.mp4"), str(videos_dir / "issue-134-rotate.mp4")]
-    run_pipeline(_config(), str(out), inputs=inputs, stages=["ingest", "split", "caption"])
+    run_pipeline(_config(), str(out), inputs=inputs, stages=["ingest", "split", "filter", "caption"])
     return out
 
 
@@ -91,17 +98,17 @@ def test_caption_without_a_model_says_what_to_set(ray_session, captioned):
         run_pipeline(_config("caption.model=null"), str(captioned), stages=["caption"])
 
 
-def test_caption_match_scores_captions_against_clip_embeddings(ray_session, sample_videos, tmp_path):
+def test_caption_match_scores_captions_against_clip_embeddings(captioned, tmp_path):
     """With the filter's (tiny) CLIP model on, each caption gets a text-video cosine; a threshold rejects."""
+    import shutil
+
     import numpy as np
 
     from pipeline.stages.filter import clip_scorer_from_config
 
-    root, _truth = sample_videos
-    cfg = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", ["ray.progress=off", "filter.dedup.enabled=false"])
+    cfg = _config()
     out = tmp_path / "matched"
-    one_video = [str(root / "sample-three-shots.mp4")]  # three clips are enough to compare scores
-    run_pipeline(cfg, str(out), inputs=one_video, stages=["ingest", "split", "filter", "caption"])
+    shutil.copytree(captioned, out)
     clips = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
     assert clips
     scorer = clip_scorer_from_config(cfg)
@@ -109,10 +116,10 @@ def test_caption_match_scores_captions_against_clip_embeddings(ray_session, samp
         [c["caption"] for c in clips], [np.asarray(c["clip_embedding"], np.float32) for c in clips]
     )
     assert [c["score_caption_match"] for c in clips] == pytest.approx(expected.tolist(), abs=1e-4)
-    strict = load_config(
-        PROJECT_ROOT / "configs" / "smoke.yaml",
-        ["ray.progress=off", "filter.dedup.enabled=false", f"caption.min_caption_match={float(max(expected)) + 1e-3}"],
-    )
+    # The same captioner as the copy's captions (an earlier test may have switched it), with a threshold above
+    # every score: each caption is rejected.
+    model = clips[0]["caption_model"]
+    strict = _config(f"caption.model={model}", f"caption.min_caption_match={float(max(expected)) + 1e-3}")
     run_pipeline(strict, str(out), stages=["caption"], force=True)
     again = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
     assert again and all(c["reject_reason"] == "caption_mismatch" for c in again)
