@@ -13,6 +13,7 @@ Target: the stage's overhead over the bare forward <= 15%. Prints figures; asser
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -101,6 +102,15 @@ def main() -> None:
     print(f"{'encode stage (Ray, + shards)':34s} {frames_total / stage_s:8.1f} frames/s")
     overhead = (stage_s / frames_total) / (bare_s / bare_frames) - 1
     print(f"\nstage overhead over the bare forward: {overhead * 100:+.0f}%  (target <= +15%)")
+    figures = {
+        "bare_frames_per_s": round(bare_frames / bare_s, 2),
+        "stage_frames_per_s": round(frames_total / stage_s, 2),
+        "stage_vs_bare": round((frames_total / stage_s) / (bare_frames / bare_s), 3),
+        "clips": len(todo),
+        "frames": frames_total,
+        "goals": {"stage_vs_bare": ">= 0.8"},
+    }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,19 @@ def main() -> None:
     plan = last.plan
     print(f"  projection for 10,000 h on 64 GPUs / 1,024 CPUs: {plan.wall_s / 3600:,.1f} h, bounded by "
           f"{plan.bounding_stage}; latent shards {plan.storage_bytes / 1e12:,.2f} TB")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "clips": args.clips,
+                "generation_s": round(seconds, 2),
+                "generation_vs_bound": round(seconds / bound, 3),
+                "first_paint_bytes": last.first_paint_bytes,
+                "first_paint_vs_bound": round(last.first_paint_bytes / FIRST_PAINT_BOUND, 3),
+                "data_bytes": data_bytes,
+                "goals": {"generation_vs_bound": "<= 1", "first_paint_vs_bound": "<= 1"},
+            }
+        )
+    )
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -15,6 +15,7 @@ moves the figures: the writer needs a second core for sha256, which a plain writ
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -111,8 +112,16 @@ def main() -> None:
         hinted_s = statistics.median(times["raw_hinted"])
         print(f"{'raw, writeback hinted':28s} {mib / hinted_s:8.1f} MiB/s  {cpu['raw_hinted']:.2f} CPU s (reference)")
     print(f"\nshards / raw: {raw_s / shard_s:.2f}x  (target >= 0.8)")
+    figures = {
+        "shards_vs_raw": round(raw_s / shard_s, 3),
+        "shard_cpu_s": round(cpu["shards"], 3),
+        "raw_cpu_s": round(cpu["raw"], 3),
+        "goals": {"shards_vs_raw": ">= 0.8"},
+    }
     if times.get("raw_hinted"):
         print(f"shards / raw, writeback hinted: {hinted_s / shard_s:.2f}x")
+        figures["shards_vs_raw_hinted"] = round(hinted_s / shard_s, 3)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
