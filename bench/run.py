@@ -1,13 +1,17 @@
-"""End-to-end benchmark of `recap run`: throughput, per-stage time share, streaming memory, Ray vs one process.
+"""End-to-end benchmark of `recap run`: throughput, per-stage time share, driver load, Ray vs one process.
 
-1. `recap run` (local Ray, --cpus CPUs) on the sample corpus: clips/min and each stage's share of the time.
+The corpus is distinct content (bench/make_corpus.py: procedurally generated 640x360 shots, hard cuts, no two
+shots alike), --minutes of it, and four times that for the scaling figures. Cached in --corpus-dir if given.
+
+1. `recap run` (local Ray, --cpus CPUs) on the corpus: clips/min and each stage's share of the time.
 2. The same stages called in a plain sequential loop in one process (the stage classes directly, no Ray):
    target: Ray >= 1.6x faster.
-3. Peak RSS of the whole `recap run` process tree (driver, Ray, workers) for the corpus and for the corpus
-   repeated 4x (distinct files: remuxed copies with another container comment): target within +20%.
-Prints figures; asserts nothing.
+3. The driver process alone: bytes it writes to storage over the shard bytes (target < 2%: workers should
+   write), and its peak RSS on the 4x corpus over the 1x corpus (target <= 1.1: it must not carry the corpus).
+   Peak RSS of the whole process tree (driver, Ray, workers) too.
+Prints figures and ends with one JSON line of them; asserts nothing.
 
-    python bench/run.py [--cpus 2] [--config configs/smoke.yaml]
+    python bench/run.py [--minutes 10] [--cpus 2] [--config configs/smoke.yaml] [--corpus-dir DIR]
 """
 
 from __future__ import annotations
@@ -25,21 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def remux_copy(src: Path, dst: Path, tag: str) -> None:
-    """Same frames, other bytes (a container comment): ingest sees a new video, not a duplicate file."""
-    import av
-
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        out.metadata["comment"] = tag
-        stream = inp.streams.video[0]
-        copy = out.add_stream_from_template(stream)
-        for packet in inp.demux(stream):
-            if packet.dts is None:
-                continue
-            packet.stream = copy
-            out.mux(packet)
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def tree_rss(pid: int) -> int:
@@ -59,21 +49,29 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def recap_run(config: str, inputs: list[str], out: Path, cpus: int) -> tuple[float, int, dict]:
-    """(wall seconds, peak RSS of the process tree, run.json stages) of one `recap run`."""
+def recap_run(config: str, inputs: list[str], out: Path, cpus: int) -> tuple[float, dict[str, int], dict]:
+    """(wall seconds, {tree_rss, driver_rss, driver_write_bytes} peaks, run.json stages) of one `recap run`."""
     argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", config, "--output", str(out)]
     argv += ["--set", "ray.progress=off", "--set", f"ray.num_cpus={cpus}", "--input", *inputs]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    import psutil
+
+    peak = {"tree_rss": 0, "driver_rss": 0, "driver_write_bytes": 0}
     stop = threading.Event()
+    driver = psutil.Process(proc.pid)
 
     def sample() -> None:
-        nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.2)
+            peak["tree_rss"] = max(peak["tree_rss"], tree_rss(proc.pid))
+            try:
+                peak["driver_rss"] = max(peak["driver_rss"], driver.memory_info().rss)
+                # write_bytes: what the process sent towards storage (page cache included), not pipes or sockets
+                peak["driver_write_bytes"] = max(peak["driver_write_bytes"], driver.io_counters().write_bytes)
+            except psutil.Error:
+                pass  # exited between samples: its last values stand
+            time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -144,33 +142,37 @@ def sequential(config_path: str, inputs: list[str], out: Path) -> tuple[float, i
     return time.perf_counter() - start, counts["samples"]
 
 
+def shard_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in (out / "shards").glob("*.tar"))
+
+
 def main() -> None:
-    from pipeline.samples import generate_samples
+    from make_corpus import make_corpus
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smoke.yaml")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=10.0, help="video in the 1x corpus (the 4x has 4 times)")
+    parser.add_argument("--corpus-dir", type=Path, help="where to make (and keep) the corpus; default: a temp dir")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recap-bench-run-"))
+    videos = args.corpus_dir or work / "videos"
     try:
-        generate_samples(str(work / "videos"))
-        base = sorted(str(p) for p in (work / "videos").glob("*.mp4"))
-        many = list(base)
-        for i in range(1, 4):
-            for src in base:
-                dst = work / "videos" / f"copy{i}-{Path(src).name}"
-                remux_copy(Path(src), dst, f"copy {i}")
-                many.append(str(dst))
-
+        per_video = 1.0  # minutes: the 1x files are the first quarter of the 4x files
+        count = max(1, round(args.minutes / per_video))
+        many = [str(p) for p in make_corpus(videos, per_video * 4 * count, 4 * count)]
+        base = many[:count]
         wall, peak1, stages = recap_run(args.config, base, work / "ray", args.cpus)
+        written = shard_bytes(work / "ray")
         samples = stages["encode"]["counts"]["samples"]
         clips = stages["split"]["counts"]["clips"]
         seq_s, seq_samples = sequential(args.config, base, work / "seq")
         wall4, peak4, stages4 = recap_run(args.config, many, work / "ray4", args.cpus)
+        written4 = shard_bytes(work / "ray4")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"sample corpus: {len(base)} videos, {clips} clips, {samples} samples\n")
+    print(f"distinct corpus: {len(base)} videos ({args.minutes:g} min), {clips} clips, {samples} samples\n")
     print(f"recap run (Ray, {args.cpus} CPUs)   {wall:7.1f} s   {clips / wall * 60:7.1f} clips/min")
     stage_total = sum(s["seconds"] for s in stages.values())
     for name, s in stages.items():
@@ -178,9 +180,32 @@ def main() -> None:
     print(f"  (outside stages: Ray start-up, planning: {wall - stage_total:.1f} s)")
     print(f"sequential, one process          {seq_s:7.1f} s   ({seq_samples} samples)")
     print(f"Ray / sequential speed-up: {seq_s / wall:.2f}x  (target >= 1.6)\n")
-    print(f"peak RSS, corpus x1 ({len(base)} videos)   {peak1 / 2**20:8.1f} MiB")
-    print(f"peak RSS, corpus x4 ({len(many)} videos)  {peak4 / 2**20:8.1f} MiB   ({wall4:.1f} s)")
-    print(f"x4 / x1: {peak4 / peak1:.2f}  (target <= 1.20)")
+    mib = 2**20
+    print(f"driver writes {peak1['driver_write_bytes'] / mib:.1f} MiB for {written / mib:.1f} MiB of shards (x1)")
+    print(f"peak RSS x1: driver {peak1['driver_rss'] / mib:.0f} MiB, tree {peak1['tree_rss'] / mib:.0f} MiB")
+    print(
+        f"peak RSS x4: driver {peak4['driver_rss'] / mib:.0f} MiB, tree {peak4['tree_rss'] / mib:.0f} MiB ({wall4:.0f} s)"
+    )
+    figures = {
+        "ray_vs_sequential": round(seq_s / wall, 3),
+        "driver_write_vs_shard_bytes": round(peak1["driver_write_bytes"] / max(1, written), 4),
+        "driver_write_vs_shard_bytes_4x": round(peak4["driver_write_bytes"] / max(1, written4), 4),
+        "driver_rss_4x_vs_1x": round(peak4["driver_rss"] / max(1, peak1["driver_rss"]), 3),
+        "tree_rss_4x_vs_1x": round(peak4["tree_rss"] / max(1, peak1["tree_rss"]), 3),
+        "streaming_vs_stage_sum": None,  # stages run one at a time (issue 15): nothing to compare yet
+        "clips": clips,
+        "samples": samples,
+        "samples_4x": stages4["encode"]["counts"]["samples"],
+        "wall_s": round(wall, 1),
+        "wall_4x_s": round(wall4, 1),
+        "goals": {
+            "ray_vs_sequential": ">= 1.6",
+            "driver_write_vs_shard_bytes": "< 0.02",
+            "driver_rss_4x_vs_1x": "<= 1.1",
+            "streaming_vs_stage_sum": "<= 0.8",
+        },
+    }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
