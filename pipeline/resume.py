@@ -273,8 +273,7 @@ def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dic
     they are marked stale (re-run). Returns how many videos each stage gives back."""
     import json
 
-    from pipeline.schema import CLIPS_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
-    from pipeline.stages.split import SPLIT_RESULT_SCHEMA
+    from pipeline.schema import CLIPS_SCHEMA, SPLIT_RESULT_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
 
     known = {r.value for r in RejectReason}
     unknown = [r for r in reasons if r not in known]
