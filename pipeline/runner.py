@@ -44,6 +44,7 @@ AVAILABLE_STAGES = ("ingest", "split", "filter", "caption", "encode")
 def _encode_meta(state: dict[str, Any]) -> dict[str, Any]:
     """The VAE facts an encode run recorded (what a repair that encodes nothing new must report again)."""
     bookkeeping = {"seconds", "counts", "rejects_by_reason", "status", "fingerprint", "settings", "updated_at"}
+    bookkeeping |= {"started_at", "finished_at"}
     return {k: v for k, v in state.items() if k not in bookkeeping and k != "repaired"}
 
 
