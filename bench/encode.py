@@ -36,8 +36,8 @@ def main() -> None:
 
     from pipeline import manifest
     from pipeline.config import load_config
-    from pipeline.runner import run_encode, run_pipeline
-    from pipeline.stages.encode import prepare_clip
+    from pipeline.runner import run_pipeline
+    from pipeline.stages.encode import prepare_clip, run_encode
     from pipeline.vae.load import vae_from_config, vae_geometry
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -91,12 +91,11 @@ def sequential(config_path: str, inputs: list[str], out: Path) -> tuple[float, i
 
     from pipeline import manifest
     from pipeline.config import load_config
-    from pipeline.runner import _filter_decisions, _videos_with_clips
     from pipeline.schema import CLIPS_SCHEMA, FILTERED_CLIPS_SCHEMA
     from pipeline.shards.writer import write_corpus_shards
     from pipeline.stages.caption import CaptionModelStage, CaptionPrepStage
     from pipeline.stages.encode import EncodeModelStage, EncodePrepStage
-    from pipeline.stages.filter import ClipModelStage, FilterScoreStage
+    from pipeline.stages.filter import ClipModelStage, FilterScoreStage, _filter_decisions, _videos_with_clips
     from pipeline.stages.ingest import IngestStage, mark_duplicates
     from pipeline.stages.split import SplitStage, clip_rows_from_results
 

@@ -76,7 +76,8 @@ def timed(fn, paths: list[str], frames: int) -> tuple[float, list]:
 def ray_split(paths: list[str], copies: int, frames: int) -> tuple[float, float]:
     """`recap split` on Ray with 2 CPUs over `copies` byte-distinct copies of each video."""
     from pipeline.config import load_config
-    from pipeline.runner import RaySession, run_pipeline
+    from pipeline.engine import RaySession
+    from pipeline.runner import run_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="recap-bench-"))
     try:

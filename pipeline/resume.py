@@ -8,6 +8,7 @@ is committed to `manifest/_work/<stage>/` so a crashed run redoes only what was 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import uuid
@@ -66,6 +67,11 @@ def _diff(old: Any, new: Any, path: str) -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
+def _utc_now() -> str:
+    """ISO 8601 in UTC to the millisecond: stages that overlap, or follow within a second, stay ordered."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
 class RunState:
     """The stages' states in run.json: what ran, with which fingerprint, and whether it finished."""
 
@@ -116,10 +122,14 @@ class RunState:
         return "; ".join(parts) or "the input files changed"
 
     def start(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any]) -> None:
-        self._update(config, stage, {"status": "running", "fingerprint": fp, "settings": settings})
+        state = {"status": "running", "fingerprint": fp, "settings": settings, "started_at": _utc_now()}
+        self._update(config, stage, state)
 
     def finish(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any], info: dict) -> None:
-        self._update(config, stage, {**info, "status": "done", "fingerprint": fp, "settings": settings})
+        """The stage is done: `info` plus when it started (this command's start of it) and finished."""
+        started_at = self.stages().get(stage, {}).get("started_at")
+        state = {"status": "done", "fingerprint": fp, "settings": settings, "started_at": started_at}
+        self._update(config, stage, {**info, **state, "finished_at": _utc_now()})
 
     def mark_stale_after(self, stage: str, config: dict[str, Any]) -> None:
         """Stages downstream of a re-run stage read outputs that changed: they re-run without --force."""
@@ -273,8 +283,7 @@ def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dic
     they are marked stale (re-run). Returns how many videos each stage gives back."""
     import json
 
-    from pipeline.schema import CLIPS_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
-    from pipeline.stages.split import SPLIT_RESULT_SCHEMA
+    from pipeline.schema import CLIPS_SCHEMA, SPLIT_RESULT_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
 
     known = {r.value for r in RejectReason}
     unknown = [r for r in reasons if r not in known]

@@ -165,6 +165,19 @@ CAPTION_FIELDS = [
     pa.field("score_caption_match", pa.float64()),  # CLIP text-video cosine (needs the filter's CLIP model)
 ]
 
+# The split stage's result per video (its clips as JSON): what its checkpoint commits and re-running rejects reopens.
+SPLIT_RESULT_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        ("num_frames", pa.int64()),
+        ("clips_json", pa.string()),
+    ]
+)
+
 REJECTS_SCHEMA = pa.schema(
     [
         ("stage", pa.string()),

@@ -1,20 +1,27 @@
 """Caption stage: CPU actors decode and resize each clip's frames; model actors caption them and run QC.
 
 Keeping decode apart from the model means the GPU never waits on FFmpeg. Captions are versioned by
-(model, prompt hash) in their own table, so changing either re-runs only captioning.
+(model, prompt hash) in their own table, so changing either re-runs only captioning. `run_caption` runs both
+pools on Ray over the passing clips, commits each batch, and writes `captions` and the caption columns of `clips`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline import manifest
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.schema import CAPTIONS_TABLE_SCHEMA, table_of
+from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.errors import StageInputError
+from pipeline.resume import StageCheckpoint
+from pipeline.schema import CAPTION_FIELDS, CAPTIONS_TABLE_SCHEMA, REJECTS_SCHEMA, RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
 
 PREP_SCHEMA = pa.schema(
@@ -267,3 +274,159 @@ class CaptionMatchStage:
         return pa.table(
             {"clip_id": [r["clip_id"] for r in rows], "score_caption_match": scores.astype(float)}, schema=MATCH_SCHEMA
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on Ray: caption the passing clips, write captions and clips
+
+
+def _caption_match(config: RecapConfig, clips: pa.Table, captions: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """score_caption_match per captioned clip, when the filter stored CLIP embeddings and a CLIP model is set."""
+    import ray.data
+
+    if not config.filter.clip.model or "clip_embedding" not in clips.column_names:
+        return {}
+    rows = [
+        {"clip_id": r["clip_id"], "caption": captions[r["clip_id"]]["caption"], "clip_embedding": r["clip_embedding"]}
+        for r in clips.select(["clip_id", "clip_embedding"]).to_pylist()
+        if r["clip_id"] in captions and r["clip_embedding"] and captions[r["clip_id"]]["caption"]
+    ]
+    if not rows:
+        return {}
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows), override_num_blocks=min(len(rows), 100))
+    ds = map_stage(ds, CaptionMatchStage, config.filter.clip.resources, (config.to_dict(),))
+    out: dict[str, float] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        out.update(
+            zip(batch.column("clip_id").to_pylist(), batch.column("score_caption_match").to_pylist(), strict=True)
+        )
+    return out
+
+
+def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
+    import ray.data
+
+    from captioner.prompts import load_prompt
+
+    start = time.monotonic()
+    cfg = config.caption
+    if cfg.model is None:
+        raise StageInputError("caption.model is not set: name a hub id, a local path, or recap-tiny:qwen2_5_vl")
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` (and filter) first")
+    prompt = load_prompt(cfg.prompt)  # a bad prompt file fails here, before any actor starts
+    version = caption_version(cfg.model, prompt.version_id)
+    clips = manifest.read_table(output, "clips")
+    caption_cols = {f.name for f in CAPTION_FIELDS}
+    clips = clips.drop_columns([c for c in clips.column_names if c in caption_cols])
+    # Clips this stage rejected last time are candidates again: undo only its own decisions.
+    reasons = clips.column("reject_reason").to_pylist()
+    own = [bool(r and r.startswith("caption_")) for r in reasons]
+    if any(own):
+        clips = clips.set_column(
+            clips.schema.get_field_index("passed"),
+            "passed",
+            pa.array([p or o for p, o in zip(clips.column("passed").to_pylist(), own, strict=True)]),
+        )
+        clips = clips.set_column(
+            clips.schema.get_field_index("reject_reason"),
+            "reject_reason",
+            pa.array([None if o else r for r, o in zip(reasons, own, strict=True)], pa.string()),
+        )
+    wanted = [
+        c
+        for c in ("clip_id", "uri", "start_s", "end_s", "duration_s", "fps", "camera_motion")
+        if c in clips.column_names
+    ]
+    todo = clips.filter(pc.equal(clips.column("passed"), True)).select(wanted)
+    checkpoint = stage_checkpoint(output, "caption", checkpoint)
+    done = checkpoint.done("clip_id")
+    resumed = len(done)
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
+    progress = stage_progress(config, "caption", todo.num_rows, "clips")
+    if todo.num_rows:
+        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
+        ds = map_stage(ds, CaptionPrepStage, cfg.preprocess_resources, (config.to_dict(),))
+        env = None
+        model_resources = cfg.resources
+        if cfg.backend == "vllm":
+            from captioner.backends.vllm import runtime_env
+
+            env = runtime_env(cfg)
+            # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
+            model_resources = cfg.resources.model_copy(
+                update={
+                    "concurrency": cfg.vllm.data_parallel_replicas,
+                    "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
+                }
+            )
+        ds = map_stage(ds, CaptionModelStage, model_resources, (config.to_dict(),), runtime_env=env)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            checkpoint.commit(batch)
+            progress.update(batch.num_rows, failed=sum(batch.column("caption_failed").to_pylist()))
+    progress.close()
+    committed = checkpoint.read(schema=CAPTIONS_SCHEMA)
+    committed = committed if committed is not None else CAPTIONS_SCHEMA.empty_table()
+    manifest.write_table(output, "captions", committed, prefix=version, schema=CAPTIONS_SCHEMA)
+    captions: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in committed.to_pylist()}
+    matches = _caption_match(config, clips, captions)
+    rows = clips.to_pylist()
+    reject_rows = []
+    for row in rows:
+        cap = captions.get(row["clip_id"])
+        if cap is None:
+            continue
+        match = matches.get(row["clip_id"])
+        row.update(
+            caption=cap["caption"],
+            caption_model=cap["caption_model"],
+            caption_prompt_version=cap["caption_prompt_version"],
+            caption_version=version,
+            caption_flags=cap["caption_flags"],
+            score_caption_match=match,
+        )
+        mismatch = match is not None and cfg.min_caption_match is not None and match < cfg.min_caption_match
+        if mismatch and not cap["caption_failed"]:
+            row.update(passed=False, reject_reason=RejectReason.CAPTION_MISMATCH.value)
+            reject_rows.append(
+                {
+                    "stage": "caption",
+                    "item_id": row["clip_id"],
+                    "uri": row["uri"],
+                    "reason": RejectReason.CAPTION_MISMATCH.value,
+                    "detail": f"caption-video match {match:.3f} < {cfg.min_caption_match}",
+                }
+            )
+        elif cap["caption_failed"]:
+            failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f in ("no_frames", "model_error")]
+            reason = RejectReason(f"caption_{failing[0]}").value
+            row.update(passed=False, reject_reason=reason)
+            reject_rows.append(
+                {
+                    "stage": "caption",
+                    "item_id": row["clip_id"],
+                    "uri": row["uri"],
+                    "reason": reason,
+                    "detail": f"flags {cap['caption_flags']} after {cap['caption_attempts']} attempt(s): "
+                    f"{(cap['caption_raw'] or '')[:200]!r}",
+                }
+            )
+    schema = pa.schema([f for f in clips.schema if f.name not in caption_cols] + CAPTION_FIELDS)
+    clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema, replace_table=True)
+    clip_writer.write_rows(rows)
+    clip_writer.close()
+    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="caption")
+    return StageResult(
+        "caption",
+        time.monotonic() - start,
+        counts={"clips": len(captions), "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
+        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
+        info={
+            "caption_version": version,
+            "caption_model": cfg.model,
+            "caption_prompt_version": prompt.version_id,
+        },
+        resumed=resumed,
+    )

@@ -1,22 +1,30 @@
 """Encode stage: CPU actors prepare each clip's frames (stride, bucket, crop); VAE actors encode them.
 
 Latents are stored as float16 (C, T, H, W) with no random augmentation, so they are the same on every
-run; the VAE's id and a hash of its weights go into every sample and into run.json.
+run; the VAE's id and a hash of its weights go into every sample and into run.json. `run_encode` runs both pools
+on Ray over the passing (and captioned) clips and writes the shards, `samples`, `shards` and encode rejects.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import time
 from typing import Any
 
 import av
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline import manifest
 from pipeline.config import EncodeConfig, RecapConfig
-from pipeline.schema import RejectReason, table_of
+from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.errors import StageInputError
+from pipeline.resume import StageCheckpoint
+from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
 from pipeline.video.decode import (
     VideoRejected,
@@ -27,6 +35,8 @@ from pipeline.video.decode import (
     upright,
 )
 from pipeline.video.frames import frame_positions, make_buckets, nearest_bucket, resize_center_crop
+
+log = logging.getLogger("recap")
 
 PREP_SCHEMA = pa.schema(
     [
@@ -277,3 +287,133 @@ class EncodeModelStage:
             for r, emb in zip(todo, embeddings, strict=True):
                 out[r["clip_id"]]["text_emb"] = npy_bytes(emb.astype(np.float16))
         return table_of([out[r["clip_id"]] for r in rows], LATENT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on Ray: encode the passing clips, write shards and the samples/shards tables
+
+
+def _sample_meta(clip: dict[str, Any], latent_row: dict[str, Any]) -> dict[str, Any]:
+    """KEY.json: the clip's ids, source, times, scores and caption model, plus how its latent was made."""
+    keep = {k: v for k, v in clip.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    keep.update(json.loads(latent_row["vae_info"]))  # vae, vae_sha256, scaling/shift, latent_dtype, logvar_stored...
+    keep.update(
+        frame_indices=latent_row["frame_indices"],
+        frame_stride=latent_row["frame_stride"],
+        resize={"height": latent_row["height"], "width": latent_row["width"], "mode": "resize+center_crop"},
+        latent_shape=latent_row["latent_shape"],
+    )
+    return keep
+
+
+def _vae_spec(cfg: Any) -> dict[str, str | None]:
+    """The VAE as a later reader (the trainer's sampler) loads it again: an absolute path or hub id, subfolder."""
+    from pipeline.vae.load import resolve_vae_spec
+
+    spec, subfolder = resolve_vae_spec(cfg.vae, cfg.vae_fallback, cfg.vae_subfolder)
+    return {"vae_spec": spec, "vae_subfolder": subfolder}
+
+
+def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Encode every passing (and, when captioned, captioned) clip and write shards plus samples/shards tables."""
+    import ray.data
+
+    from pipeline.shards.writer import write_corpus_shards
+    from pipeline.vae.load import fallback_note
+
+    start = time.monotonic()
+    cfg = config.encode
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
+    fallback = fallback_note(cfg.vae, cfg.vae_fallback)
+    if fallback:
+        log.warning("recap: WARNING: %s", fallback)
+    clips = manifest.read_table(output, "clips")
+    mask = pc.equal(clips.column("passed"), True)
+    if "caption" in clips.column_names:
+        mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
+    todo = clips.filter(mask)
+    checkpoint = stage_checkpoint(output, "encode", checkpoint)
+    done = checkpoint.done("key")  # samples in shards an interrupted run finished
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
+    by_id = {r["clip_id"]: r for r in todo.to_pylist()}
+    # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
+    score_fields = [f for f in clips.schema if f.name.startswith("score_")]
+    score_columns = [f.name for f in score_fields]
+    samples_schema = pa.schema(list(SAMPLES_SCHEMA) + score_fields)
+    progress = stage_progress(config, "encode", todo.num_rows, "clips")
+    reject_rows: list[dict[str, Any]] = []
+    vae_info: dict[str, Any] = {}
+
+    def samples():
+        if not todo.num_rows:
+            return
+        cols = ["clip_id", "uri", "start_frame", "end_frame", "start_s", "fps"]
+        if "caption" in todo.column_names:
+            cols.append("caption")
+        ds = ray.data.from_arrow(todo.select(cols), override_num_blocks=min(todo.num_rows, 1000))
+        ds = map_stage(ds, EncodePrepStage, cfg.prep_resources, (config.to_dict(),))
+        ds = map_stage(ds, EncodeModelStage, cfg.resources, (config.to_dict(),))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                clip = by_id[row["clip_id"]]
+                if not vae_info:
+                    vae_info.update(json.loads(row["vae_info"]), **_vae_spec(cfg))
+                    if fallback:
+                        vae_info["vae_fallback_note"] = fallback
+                    checkpoint.save_meta(vae_info)
+                if row["error"]:
+                    reject_rows.append(
+                        {
+                            "stage": "encode",
+                            "item_id": row["clip_id"],
+                            "uri": clip["uri"],
+                            "reason": RejectReason.ENCODE_ERROR.value,
+                            "detail": row["error"],
+                        }
+                    )
+                    continue
+                latent = np.load(io.BytesIO(row["latent"]), allow_pickle=False)
+                extra = {name: row[col] for name, col in (("logvar.npy", "logvar"), ("text_emb.npy", "text_emb"))}
+                yield {
+                    "key": row["clip_id"],
+                    "latent": latent,
+                    "caption": clip.get("caption") or "",
+                    "meta": _sample_meta(clip, row),
+                    "extra": {name: data for name, data in extra.items() if data},
+                    "row": {
+                        **{name: clip.get(name) for name in score_columns},
+                        "latent_dtype": row["latent_dtype"],
+                        "vae": row["vae"],
+                        "vae_sha256": row["vae_sha256"],
+                        "has_text_emb": bool(row["text_emb"]),
+                        "logvar_stored": bool(row["logvar"]),
+                        "num_frames": len(row["frame_indices"]),
+                        "frame_stride": row["frame_stride"],
+                        "height": row["height"],
+                        "width": row["width"],
+                    },
+                }
+            progress.update(batch.num_rows, rejected=sum(1 for e in batch.column("error").to_pylist() if e))
+
+    counts = write_corpus_shards(
+        output,
+        samples(),
+        max_bytes=cfg.shard_max_bytes,
+        max_count=cfg.shard_max_count,
+        samples_schema=samples_schema,
+        checkpoint=checkpoint,
+    )
+    if not vae_info:  # nothing new encoded (all resumed): what the interrupted run recorded
+        vae_info.update(checkpoint.load_meta())
+    progress.close()
+    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="encode")
+    return StageResult(
+        "encode",
+        time.monotonic() - start,
+        counts={"clips": todo.num_rows + len(done), **counts, "rejected": len(reject_rows)},
+        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
+        info=vae_info,
+        resumed=len(done),
+    )

@@ -3,14 +3,18 @@
 `score_video_clips` decodes a video once (in the isolated child) and scores all its clips with
 the weights-free scorers; `TextDetectStage` (PP-OCRv6), `NsfwDetectStage` (NudeNet) and
 `ClipModelStage` (CLIP) add model scores, each on its own actor pool, from the sampled frames the
-CPU actors hand over as JPEGs; `decide` applies the configured thresholds. Near-duplicates are resolved across the
-whole corpus by the runner (`pipeline.scoring.dedup`).
+CPU actors hand over as JPEGs; `decide` applies the configured thresholds. `run_filter` scores on Ray (committing
+whole videos), resolves near-duplicates across the whole corpus (LSH bands, a Ray Data groupby, the keep rule of
+`pipeline.scoring.dedup`), decides, and writes `clips` with scores and the filter rejects.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +22,22 @@ import av
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline import manifest
 from pipeline.config import FilterConfig, RecapConfig
-from pipeline.schema import FILTERED_CLIPS_SCHEMA, SCORE_REJECT_REASONS, RejectReason, table_of
-from pipeline.scoring.dedup import phash64
+from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.errors import StageInputError
+from pipeline.resume import StageCheckpoint
+from pipeline.schema import (
+    CLIPS_SCHEMA,
+    FILTERED_CLIPS_SCHEMA,
+    REJECTS_SCHEMA,
+    SCORE_REJECT_REASONS,
+    RejectReason,
+    table_of,
+)
+from pipeline.scoring.dedup import band_keys, duplicate_edges, phash64, resolve_duplicates
 from pipeline.scoring.image_quality import score_quality
 from pipeline.scoring.motion import score_cut_inside, score_frozen, score_motion
 from pipeline.stages.common import IsolatedStage
@@ -383,3 +399,318 @@ class ClipModelStage:
                 if scores.get(key) is not None:
                     row[key] = float(scores[key])
         return table_of(rows, self.output_schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on Ray: score, dedupe across the corpus, decide, write
+
+SCRATCH_SCORED = "_filter_scored"  # scores before decisions; ignored by readers (leading "_")
+PREVIOUS_PREFIX = "previous:"  # marks a clip of an earlier corpus in near_duplicate_of
+
+
+def _videos_with_clips(output: str) -> pa.Table:
+    """One row per video with its clips as JSON: the filter decodes each video once."""
+    refilter = "filter_reasons" in manifest.table_columns(output, "clips")
+    columns = list(CLIPS_SCHEMA.names) + (["filter_reasons"] if refilter else [])
+    clips = manifest.read_table(output, "clips", columns=columns)
+    by_video: dict[str, dict[str, Any]] = {}
+    for row in clips.to_pylist():
+        if refilter:  # filtered before: undo that run's decisions, keep earlier stages' (too_short)
+            row["reject_reason"] = upstream_reason(row)
+            row["passed"] = row["reject_reason"] is None
+            del row["filter_reasons"]
+        entry = by_video.setdefault(
+            row["video_id"], {"video_id": row["video_id"], "uri": row["uri"], "fps": row["fps"], "clips": []}
+        )
+        entry["clips"].append(row)
+    rows = sorted(by_video.values(), key=lambda e: -sum(c["end_frame"] - c["start_frame"] for c in e["clips"]))
+    return pa.table(
+        {
+            "video_id": [e["video_id"] for e in rows],
+            "uri": [e["uri"] for e in rows],
+            "fps": pa.array([e["fps"] for e in rows], pa.float64()),
+            "clips_json": [json.dumps(e["clips"]) for e in rows],
+            "num_clips": [len(e["clips"]) for e in rows],
+        }
+    )
+
+
+def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> dict[str, int]:
+    """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
+    import ray.data
+
+    videos = _videos_with_clips(output)
+    expected = dict(zip(videos.column("video_id").to_pylist(), videos.column("num_clips").to_pylist(), strict=True))
+    done = checkpoint.done("video_id")
+    todo = videos.filter(pc.invert(pc.is_in(videos.column("video_id"), pa.array(sorted(done), pa.string()))))
+    total_clips = sum(todo.column("num_clips").to_pylist())
+    progress = stage_progress(config, "filter", total_clips, "clips")
+    # Ray may cut blocks anywhere between the two map stages: a video is committed once all its clips arrived.
+    partial: dict[str, list[pa.Table]] = {}
+    ready: list[pa.Table] = []
+    last_commit = time.monotonic()
+    if todo.num_rows:
+        ds = ray.data.from_arrow(todo.drop_columns(["num_clips"]), override_num_blocks=min(todo.num_rows, 1000))
+        ds = map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
+        if config.filter.text.enabled:
+            ds = map_stage(ds, TextDetectStage, config.filter.text.resources, (config.to_dict(),))
+        if config.filter.nsfw.enabled:
+            ds = map_stage(ds, NsfwDetectStage, config.filter.nsfw.resources, (config.to_dict(),))
+        if config.filter.clip.model:
+            ds = map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if "frames_jpeg" in batch.column_names:
+                batch = batch.drop_columns(["frames_jpeg"])
+            ids = batch.column("video_id")
+            for video_id in pc.unique(ids).to_pylist():
+                rows = partial.setdefault(video_id, [])
+                rows.append(batch.filter(pc.equal(ids, video_id)))
+                if sum(t.num_rows for t in rows) >= expected[video_id]:
+                    ready.extend(partial.pop(video_id))
+            if ready and (sum(t.num_rows for t in ready) >= 1000 or time.monotonic() - last_commit > 30):
+                checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
+                ready, last_commit = [], time.monotonic()
+            progress.update(batch.num_rows)
+    if ready:
+        checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
+    progress.close()
+    return {"clips": total_clips, "resumed_videos": len(done)}
+
+
+def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool, mirror: bool = True) -> pa.Table:
+    """Clips that pass every other check, one row per LSH band key of their frame hashes (and, with `mirror`,
+    of their mirrored frames' hashes, so that a mirrored copy shares a band with its source)."""
+    out: dict[str, list] = {
+        k: []
+        for k in ("band", "clip_id", "phashes", "phashes_mirrored", "previous", "aesthetic", "duration", "sharpness")
+    }
+    for row in batch.to_pylist():
+        if not row.get("phashes"):
+            continue
+        if not previous and (upstream_reason(row) or scoring_failures(row) or decide(row, thresholds)):
+            continue
+        if previous and row.get("passed") is False:
+            continue
+        mirrored = (row.get("phashes_mirrored") or None) if mirror else None
+        for key in band_keys(row["phashes"]) | band_keys(mirrored or []):
+            out["band"].append(key)
+            # Clips of earlier corpora get their own node ids: the same file crawled again has the same clip_id.
+            out["clip_id"].append(PREVIOUS_PREFIX + row["clip_id"] if previous else row["clip_id"])
+            out["phashes"].append(row["phashes"])
+            out["phashes_mirrored"].append(mirrored)
+            out["previous"].append(previous)
+            out["aesthetic"].append(row.get("score_aesthetic"))
+            out["duration"].append(row.get("duration_s"))
+            out["sharpness"].append(row.get("score_sharpness"))
+    return pa.table(
+        out,
+        schema=pa.schema(
+            [
+                ("band", pa.string()),
+                ("clip_id", pa.string()),
+                ("phashes", pa.list_(pa.int64())),
+                ("phashes_mirrored", pa.list_(pa.int64())),
+                ("previous", pa.bool_()),
+                ("aesthetic", pa.float64()),
+                ("duration", pa.float64()),
+                ("sharpness", pa.float64()),
+            ]
+        ),
+    )
+
+
+_EDGE_SCHEMA = pa.schema(
+    [("a", pa.string()), ("b", pa.string()), ("distance", pa.float64()), ("info_json", pa.string())]
+)
+
+
+def _group_edges(group: pa.Table, max_hamming: float) -> pa.Table:
+    rows = {r["clip_id"]: r for r in group.to_pylist()}.values()  # a clip may repeat within a band
+    members = list(rows)
+    if len(members) < 2:
+        return _EDGE_SCHEMA.empty_table()
+    # Identical hash lists are duplicates outright: chain them, then compare one of each.
+    by_hashes: dict[tuple, list[dict]] = {}
+    for m in members:
+        by_hashes.setdefault(tuple(m["phashes"]), []).append(m)
+    edges = []
+    for same in by_hashes.values():
+        edges += [
+            (x["clip_id"], y["clip_id"], 0.0)
+            for x, y in zip(same[:-1], same[1:], strict=True)
+            if not (x["previous"] and y["previous"])
+        ]
+    edges += duplicate_edges([same[0] for same in by_hashes.values()], max_hamming)
+    info = {
+        m["clip_id"]: {
+            "previous": m["previous"],
+            "score_aesthetic": m["aesthetic"],
+            "duration_s": m["duration"],
+            "score_sharpness": m["sharpness"],
+        }
+        for m in members
+    }
+    return pa.table(
+        {
+            "a": [e[0] for e in edges],
+            "b": [e[1] for e in edges],
+            "distance": [e[2] for e in edges],
+            "info_json": [json.dumps({e[0]: info[e[0]], e[1]: info[e[1]]}) for e in edges],
+        },
+        schema=_EDGE_SCHEMA,
+    )
+
+
+def find_near_duplicates(config: RecapConfig, scored_paths: list[str], previous_paths: list[str]) -> dict[str, str]:
+    """{dropped clip_id: kept clip_id} across the corpus (and earlier corpora) via Ray Data groupby."""
+    import ray.data
+
+    cfg = config.filter
+    thresholds = {k: v.model_dump() for k, v in cfg.thresholds.items()}
+    parts = []
+    for paths, previous in ((scored_paths, False), (previous_paths, True)):
+        if paths:
+            ds = ray.data.read_parquet(paths)
+            parts.append(
+                ds.map_batches(
+                    _band_rows,
+                    batch_format="pyarrow",
+                    fn_kwargs={"thresholds": thresholds, "previous": previous, "mirror": cfg.dedup.mirror},
+                )
+            )
+    if not parts:
+        return {}
+    bands = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    edges_ds = bands.groupby("band").map_groups(
+        _group_edges, batch_format="pyarrow", fn_kwargs={"max_hamming": cfg.dedup.max_hamming}
+    )
+    edges, info = [], {}
+    for batch in edges_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            edges.append((row["a"], row["b"], row["distance"]))
+            info.update(json.loads(row["info_json"]))
+    return resolve_duplicates(edges, info)
+
+
+def _filter_decisions(row: dict[str, Any], thresholds: dict[str, Any], dropped: dict[str, str]) -> dict[str, Any]:
+    upstream = upstream_reason(row)
+    reasons = scoring_failures(row)
+    reasons += [r for r in decide(row, thresholds) if r not in reasons]
+    if row["clip_id"] in dropped:
+        reasons.append(RejectReason.NEAR_DUPLICATE.value)
+        row["near_duplicate_of"] = dropped[row["clip_id"]]
+    row["filter_reasons"] = reasons
+    if upstream:  # rejected by an earlier stage (too_short): that reason stays first
+        row["passed"] = False
+        row["reject_reason"] = upstream
+    else:
+        row["passed"] = not reasons
+        row["reject_reason"] = reasons[0] if reasons else None
+    return row
+
+
+def _previous_corpora(config: RecapConfig) -> list[str]:
+    paths = []
+    for corpus in config.filter.dedup.against:
+        if not manifest.table_exists(corpus, "clips"):
+            raise StageInputError(f"filter.dedup.against: {corpus!r} has no clips table")
+        if "phashes" not in manifest.table_columns(corpus, "clips"):
+            raise StageInputError(f"filter.dedup.against: {corpus!r} was not filtered (no phashes column)")
+        paths.extend(manifest.table_files(corpus, "clips"))
+    return paths
+
+
+def filter_counts(scored: list[dict[str, Any]], config: RecapConfig, dropped: dict[str, str]) -> dict[str, int]:
+    """Clips each threshold would reject (a clip failing two thresholds counts under both)."""
+    thresholds = {k: v.model_dump() for k, v in config.filter.thresholds.items()}
+    counts: dict[str, int] = {}
+    for row in scored:
+        if upstream_reason(row):
+            continue
+        for reason in scoring_failures(row) + decide(row, thresholds):
+            counts[reason] = counts.get(reason, 0) + 1
+        if row["clip_id"] in dropped:
+            counts["near_duplicate"] = counts.get("near_duplicate", 0) + 1
+    return counts
+
+
+def run_filter(
+    config: RecapConfig, output: str, dry_run: bool = False, checkpoint: StageCheckpoint | None = None
+) -> StageResult:
+    """Score clips, dedupe across the corpus, decide; write `clips` with scores and filter rejects."""
+    start = time.monotonic()
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
+    previous = _previous_corpora(config)
+    thresholds = {k: v.model_dump() for k, v in config.filter.thresholds.items()}
+    scratch_out = tempfile.mkdtemp(prefix="recap-filter-dry-") if dry_run else output
+    if dry_run:
+        checkpoint = StageCheckpoint(scratch_out, "filter", "dry-run")
+    else:
+        checkpoint = stage_checkpoint(output, "filter", checkpoint)
+    resumed = 0
+    try:
+        if dry_run and "phashes" in manifest.table_columns(output, "clips"):
+            # Already scored: re-decide from the stored scores in seconds, nothing decoded.
+            scored_paths = manifest.table_files(output, "clips")
+        else:
+            resumed = score_clips(config, output, checkpoint)["resumed_videos"]
+            scored_paths = checkpoint.parts()
+        dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
+        if dry_run:
+            import pyarrow.dataset as pads
+
+            rows = pads.dataset(scored_paths, format="parquet").to_table().to_pylist() if scored_paths else []
+            counts = filter_counts(rows, config, dropped)
+            considered = sum(not upstream_reason(r) for r in rows)
+            return StageResult(
+                "filter (dry run)",
+                time.monotonic() - start,
+                counts={"clips": len(rows), "considered": considered},
+                rejects_by_reason=counts,
+            )
+        scored = checkpoint.read(schema=FILTERED_CLIPS_SCHEMA)
+        if scored is None:
+            scored = FILTERED_CLIPS_SCHEMA.empty_table()
+        writer = manifest.TableWriter(
+            output, "clips", prefix="filter", schema=FILTERED_CLIPS_SCHEMA, replace_table=True
+        )
+        reject_rows: list[dict[str, Any]] = []
+        passed = 0
+        for batch in scored.to_batches(max_chunksize=10_000):
+            rows = [_filter_decisions(r, thresholds, dropped) for r in batch.to_pylist()]
+            writer.write_rows(rows)
+            for r in rows:
+                passed += bool(r["passed"])
+                if r["filter_reasons"] and r["reject_reason"] in r["filter_reasons"]:
+                    detail = r.get("filter_detail") or ", ".join(r["filter_reasons"])
+                    if r.get("near_duplicate_of") and r["reject_reason"] == "near_duplicate":
+                        detail = f"near duplicate of {r['near_duplicate_of']}"
+                    reject_rows.append(
+                        {
+                            "stage": "filter",
+                            "item_id": r["clip_id"],
+                            "uri": r["uri"],
+                            "reason": r["reject_reason"],
+                            "detail": detail,
+                        }
+                    )
+        writer.close()
+        manifest.write_table(
+            output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="filter"
+        )
+    finally:
+        if dry_run:
+            shutil.rmtree(scratch_out, ignore_errors=True)
+    return StageResult(
+        "filter",
+        time.monotonic() - start,
+        counts={
+            "clips": scored.num_rows,
+            "passed": passed,
+            "rejected": len(reject_rows),
+            "near_duplicates": len(dropped),
+        },
+        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
+        resumed=resumed,
+    )

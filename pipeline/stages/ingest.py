@@ -1,13 +1,21 @@
 """Ingest stage: hash and probe every input file into one `videos` row, bad files included.
 
-Hashing runs in the worker (plain reads cannot crash it); probing runs in the isolated child.
+Hashing runs in the worker (plain reads cannot crash it); probing runs in the isolated child. `run_ingest`
+finds the inputs, runs `IngestStage` on Ray, commits each batch, and writes `videos` and the ingest rejects.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pyarrow as pa
+
+from pipeline import manifest
 from pipeline.config import RecapConfig
+from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
+from pipeline.io.sources import discover_inputs
+from pipeline.resume import StageCheckpoint
 from pipeline.schema import VIDEOS_SCHEMA, RejectReason, VideoStatus, video_id_from_sha256
 from pipeline.stages.common import IsolatedStage
 from pipeline.video.decode import sha256_of
@@ -69,3 +77,55 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             first_uri[vid] = row["uri"]
     return rows
+
+
+def run_ingest(
+    config: RecapConfig,
+    inputs: list[str],
+    output: str,
+    uris: list[str] | None = None,
+    checkpoint: StageCheckpoint | None = None,
+    skipped: dict[str, int] | None = None,
+) -> StageResult:
+    """Find input files, hash and probe each on Ray, write the `videos` table and ingest rejects. `skipped`: files
+    the extension filter left out, by reason (found here when `uris` is not given)."""
+    import ray.data
+
+    start = time.monotonic()
+    if uris is None:
+        skipped = {}
+        uris = discover_inputs(inputs, config.ingest.extensions, skipped)
+    skipped = skipped or {}
+    checkpoint = stage_checkpoint(output, "ingest", checkpoint)
+    done = checkpoint.done("uri")
+    todo = [u for u in uris if u not in done]
+    progress = stage_progress(config, "ingest", len(todo), "files")
+    if todo:
+        ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=min(len(todo), 1000))
+        ds = map_stage(ds, IngestStage, config.ingest.resources, (config.to_dict(),))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            checkpoint.commit(batch)
+            statuses = batch.column("status").to_pylist()
+            progress.update(batch.num_rows, rejected=sum(s != "ok" for s in statuses))
+    probed = checkpoint.read(schema=VIDEOS_SCHEMA)
+    wanted = set(uris)
+    rows = [r for r in (probed.to_pylist() if probed is not None else []) if r["uri"] in wanted]
+    rejected_before = sum(r["status"] != "ok" for r in rows)
+    rows = mark_duplicates(rows)
+    progress.update(0, rejected=sum(r["status"] != "ok" for r in rows) - rejected_before)  # duplicates
+    progress.close()
+    rows.sort(key=lambda r: r["uri"])
+    videos = pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA)
+    manifest.write_table(output, "videos", videos, prefix="videos")
+    rejects = rejects_from(videos, "ingest", "video_id")
+    manifest.write_table(output, "rejects", rejects, prefix="ingest")
+    ok = sum(r["status"] == "ok" for r in rows)
+    return StageResult(
+        "ingest",
+        time.monotonic() - start,
+        counts={"files": len(rows), "ok": ok, "rejected": len(rows) - ok}
+        | ({"skipped": sum(skipped.values())} if skipped else {}),
+        rejects_by_reason=count_by(rejects.column("reason").to_pylist()),
+        info={"inputs": list(inputs)} | ({"skipped": dict(sorted(skipped.items()))} if skipped else {}),
+        resumed=len(uris) - len(todo),
+    )

@@ -2,37 +2,40 @@
 
 `plan_clips` is the pure policy (min/max length, trimming, chunking); `split_video` decodes
 one video and runs a detector (inside the isolated child); `SplitStage` is the batch
-transform the runner wires into Ray Data.
+transform; `run_split` runs it on Ray over the ok videos, commits each finished video, and writes
+`clips`, the split rejects and the exact frame counts in `videos`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from array import array
 from typing import Any
 
 import av
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline import manifest
 from pipeline.config import RecapConfig, SplitConfig
+from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
+from pipeline.errors import StageInputError
+from pipeline.resume import StageCheckpoint
 from pipeline.scenes.detectors import Scene, build_detector
-from pipeline.schema import RejectReason, make_clip_id
+from pipeline.schema import (
+    REJECTS_SCHEMA,
+    SPLIT_RESULT_SCHEMA,
+    VIDEOS_SCHEMA,
+    RejectReason,
+    VideoStatus,
+    make_clip_id,
+)
 from pipeline.stages.common import IsolatedStage
 from pipeline.video.decode import VideoRejected, cut_off_note, iter_analysis_frames, open_video, plain_error
 
 STORAGE_ERROR = "storage_error"  # a result status the driver turns into a stopped run, never a reject
-SPLIT_RESULT_SCHEMA = pa.schema(
-    [
-        ("video_id", pa.string()),
-        ("uri", pa.string()),
-        ("status", pa.string()),
-        ("reject_reason", pa.string()),
-        ("reject_detail", pa.string()),
-        ("num_frames", pa.int64()),
-        ("clips_json", pa.string()),
-    ]
-)
 
 
 def _chunk(start: int, end: int, max_frames: int | None, min_frames: int = 1) -> list[tuple[int, int]]:
@@ -262,3 +265,110 @@ def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
     for text in results.column("clips_json").to_pylist():
         rows.extend(json.loads(text or "[]"))
     return rows
+
+
+def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Detect scenes in every ok video on Ray; write `clips`, split rejects, and update `videos`."""
+    import ray.data
+
+    start = time.monotonic()
+    if not manifest.table_exists(output, "videos"):
+        raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
+    videos = manifest.read_table(output, "videos")
+    todo = videos.filter(pc.equal(videos.column("status"), VideoStatus.OK.value))
+    todo = todo.select(["video_id", "uri", "num_frames", "num_frames_exact"])
+    # Longest first, so a long video does not end up as the run's tail.
+    todo = todo.take(pc.sort_indices(todo, sort_keys=[("num_frames", "descending"), ("video_id", "ascending")]))
+    clips_dir = f"{output.rstrip('/')}/media/clips" if config.split.transcode.enabled else None
+    checkpoint = stage_checkpoint(output, "split", checkpoint)
+    done = checkpoint.done("video_id")
+    resumed = len(done)
+    if done:
+        todo = todo.filter(pc.invert(pc.is_in(todo.column("video_id"), pa.array(sorted(done), pa.string()))))
+    progress = stage_progress(config, "split", todo.num_rows, "videos", rate="frames")
+    if todo.num_rows:
+        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
+        ds = map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ok = pc.not_equal(batch.column("status"), STORAGE_ERROR)
+            checkpoint.commit(batch.filter(ok))  # one row per finished video, its clips as JSON
+            batch = raise_storage_errors(batch)
+            clip_rows = clip_rows_from_results(batch)
+            frames = sum(n or 0 for n in batch.column("num_frames").to_pylist())
+            progress.update(
+                batch.num_rows,
+                frames=frames,
+                clips=len(clip_rows),
+                too_short=sum(not c["passed"] for c in clip_rows),
+                rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
+            )
+    progress.close()
+    # Every video's result, this run's and those an interrupted run committed, into the clips table at once.
+    committed = checkpoint.read(schema=SPLIT_RESULT_SCHEMA)
+    split_results = committed if committed is not None else SPLIT_RESULT_SCHEMA.empty_table()
+    clips_writer = manifest.TableWriter(output, "clips", prefix="split", replace_table=True)
+    for batch in split_results.to_batches(max_chunksize=1000):
+        clips_writer.write_rows(clip_rows_from_results(pa.Table.from_batches([batch])))
+    clips_writer.close()
+    split_results = split_results.drop_columns(["clips_json"])
+    video_rejects = rejects_from(split_results, "split", "video_id")
+    clips = manifest.read_table(output, "clips", columns=["clip_id", "uri", "reject_reason", "passed"])
+    bad = clips.filter(pc.invert(clips.column("passed")))
+    clip_rejects = pa.table(
+        {
+            "stage": pa.array(["split"] * bad.num_rows, pa.string()),
+            "item_id": bad.column("clip_id"),
+            "uri": bad.column("uri"),
+            "reason": bad.column("reject_reason"),
+            "detail": pa.array(
+                [
+                    "frames in it were damaged: the decoder concealed errors (see videos.reject_detail)"
+                    if reason == "decode_damaged"
+                    else f"scene shorter than split.min_clip_s={config.split.min_clip_s} "
+                    f"or split.min_clip_frames={config.split.min_clip_frames}"
+                    for reason in bad.column("reject_reason").to_pylist()
+                ],
+                pa.string(),
+            ),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    rejects = pa.concat_tables([video_rejects, clip_rejects])
+    manifest.write_table(output, "rejects", rejects, prefix="split")
+    _update_videos_after_split(output, videos, split_results)
+    return StageResult(
+        "split",
+        time.monotonic() - start,
+        counts={
+            "videos": split_results.num_rows,
+            "frames": sum(n or 0 for n in split_results.column("num_frames").to_pylist()),
+            "clips": clips.num_rows,  # every clip row, as the funnel counts them
+            "too_short": pc.sum(pc.equal(clips.column("reject_reason"), "too_short")).as_py() or 0,
+            "damaged": pc.sum(pc.equal(clips.column("reject_reason"), "decode_damaged")).as_py() or 0,
+            "rejected_videos": video_rejects.num_rows,
+        },
+        rejects_by_reason=count_by(rejects.column("reason").to_pylist()),
+        resumed=resumed,
+    )
+
+
+def _update_videos_after_split(output: str, videos: pa.Table, split_results: pa.Table) -> None:
+    """Split decodes every frame: record exact frame counts and videos whose decode failed."""
+    by_id = {r["video_id"]: r for r in split_results.to_pylist()}
+    rows = videos.to_pylist()
+    for row in rows:
+        res = by_id.get(row["video_id"])
+        if res is None or row["status"] != VideoStatus.OK.value:
+            continue
+        if res["status"] == VideoStatus.OK.value:
+            row["num_frames"] = res["num_frames"]
+            row["num_frames_exact"] = True
+            if res.get("reject_detail"):  # kept, with a note (e.g. only the part before a cut-off decoded)
+                row["reject_detail"] = res["reject_detail"]
+        else:
+            row.update(
+                status=VideoStatus.REJECTED.value,
+                reject_reason=res["reject_reason"],
+                reject_detail=res["reject_detail"],
+            )
+    manifest.write_table(output, "videos", pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA), prefix="videos")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import tarfile
@@ -97,6 +98,13 @@ def test_encode_stage_writes_valid_shards(ray_session, videos_dir, tmp_path):
     assert validate_corpus(str(out)) == []
     run = json.loads((out / "manifest" / "run.json").read_text())
     assert run["stages"]["encode"]["vae"] == "taesd:taef2" and len(run["stages"]["encode"]["vae_sha256"]) == 64
+    # Each stage's start and end, ISO 8601 in UTC; these stages ran one after another.
+    times = [
+        datetime.datetime.fromisoformat(run["stages"][stage][key])
+        for stage in ("ingest", "split", "encode")
+        for key in ("started_at", "finished_at")
+    ]
+    assert all(t.utcoffset() == datetime.timedelta(0) for t in times) and times == sorted(times)
     [shard] = sorted((out / "shards").glob("shard-*.tar"))
     with tarfile.open(shard) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}

@@ -1,0 +1,171 @@
+"""The engine under every stage: the Ray session, wiring a stage class into Ray Data, commits and progress.
+
+It knows no stage: `pipeline.stages.<stage>` modules build on it, and `pipeline.runner` (`recap run`) lists
+them. Each stage declares its input columns; `map_stage` checks them when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import RecapConfig, Resources
+from pipeline.errors import DecoderUnavailable, StageInputError
+from pipeline.progress import StageProgress
+from pipeline.resume import StageCheckpoint
+from pipeline.schema import REJECTS_SCHEMA, VideoStatus
+
+
+@dataclass
+class StageResult:
+    stage: str
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # more for run.json (caption version, VAE, ...)
+    skipped: bool = False  # finished by an earlier run with the same settings
+    resumed: int = 0  # work items an earlier, interrupted run had already committed
+
+    def summary_line(self) -> str:
+        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
+        rejects = ", ".join(f"{k} {v}" for k, v in sorted(self.rejects_by_reason.items())) or "none"
+        note = (
+            " (done earlier, skipped)"
+            if self.skipped
+            else (f" (resumed: {self.resumed:,} done before)" if self.resumed else "")
+        )
+        return f"{self.stage:<7} {self.seconds:7.1f}s  {counts}; rejects: {rejects}{note}"
+
+
+class RaySession:
+    """Connects to a cluster (`address` or RAY_ADDRESS) or starts a local Ray; reuses a live one."""
+
+    def __init__(self, config: RecapConfig, address: str | None = None):
+        self.config = config
+        self.address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+        self._started = False
+        self._reaper: Any = None
+
+    def __enter__(self) -> RaySession:
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            # Ray's notice that a local cluster turned token auth on is for cluster admins, not a recap user: the
+            # auth stays on, the line stays off the terminal.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+            if self.address:
+                kwargs["address"] = self.address
+            elif self.config.ray.num_cpus:
+                kwargs["num_cpus"] = self.config.ray.num_cpus
+            ray.init(**kwargs)
+            self._started = True
+            if not self.address:  # a local Ray goes down with this process, even if it is SIGKILLed
+                from pipeline.ray_reaper import start_reaper
+
+                self._reaper = start_reaper()
+        ctx = ray.data.DataContext.get_current()
+        # recap prints its own per-stage progress; Ray's bars (or INFO blocks off a terminal) are noise.
+        ctx.enable_progress_bars = False
+        # A decoding process that cannot start is the worker's trouble, not the batch's: Ray runs the batch
+        # again before the run gives up (DecoderUnavailable at the driver).
+        retried = ctx.retried_map_errors
+        if retried is not True:
+            retried = list(retried or [])
+            if DecoderUnavailable.MARKER not in retried:
+                retried.append(DecoderUnavailable.MARKER)
+            ctx.retried_map_errors = retried
+        ctx.max_map_retries = max(ctx.max_map_retries, self.config.isolation.infrastructure_retries)
+        for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            import ray
+
+            from pipeline.ray_reaper import stop_reaper
+
+            ray.shutdown()
+            stop_reaper(self._reaper)
+
+
+def infrastructure_failure(exc: BaseException) -> DecoderUnavailable | None:
+    """The DecoderUnavailable a stage actor raised, found in the error Ray Data reports (it keeps only text)."""
+    import re
+
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        if isinstance(current, DecoderUnavailable) and type(current) is DecoderUnavailable:
+            return current
+        seen.append(current)
+        found = re.search(
+            r"DecoderUnavailable: (.*?)(?:\n\nThe above exception|\nFailed to apply UDF|\Z)", str(current), re.S
+        )
+        if found:
+            return DecoderUnavailable(found.group(1).strip())
+        nxt = getattr(current, "cause", None)
+        current = nxt if isinstance(nxt, BaseException) else (current.__cause__ or current.__context__)
+    return None
+
+
+def map_stage(
+    ds: Any, stage_cls: type, resources: Resources, constructor_args: tuple, runtime_env: dict | None = None
+) -> Any:
+    import ray.data
+
+    missing = [c for c in stage_cls.input_columns if c not in ds.schema().names]
+    if missing:
+        raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {ds.schema().names}")
+    return ds.map_batches(
+        stage_cls,
+        fn_constructor_args=constructor_args,
+        batch_size=resources.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus or None,
+        runtime_env=runtime_env,
+    )
+
+
+def rejects_from(table: pa.Table, stage: str, id_column: str) -> pa.Table:
+    mask = pc.equal(table.column("status"), VideoStatus.REJECTED.value)
+    bad = table.filter(mask)
+    return pa.table(
+        {
+            "stage": pa.array([stage] * bad.num_rows, pa.string()),
+            "item_id": bad.column(id_column),
+            "uri": bad.column("uri"),
+            "reason": bad.column("reject_reason"),
+            "detail": bad.column("reject_detail"),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def count_by(values: list[str | None]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def stage_progress(config: RecapConfig, stage: str, total: int, unit: str, rate: str | None = None) -> StageProgress:
+    return StageProgress(
+        stage, total, unit, mode=config.ray.progress, log_interval_s=config.ray.log_interval_s, rate_counter=rate
+    )
+
+
+def stage_checkpoint(output: str, stage: str, checkpoint: StageCheckpoint | None) -> StageCheckpoint:
+    """The run's checkpoint, or (a stage function called on its own) a fresh one for this call."""
+    return checkpoint if checkpoint is not None else StageCheckpoint(output, stage, f"direct-{time.time_ns()}")
