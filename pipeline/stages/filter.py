@@ -319,59 +319,63 @@ def frames_of(row: dict[str, Any], count: int | None = None, rgb: bool = True) -
     return frames
 
 
-class TextDetectStage:
-    """Adds `score_text` (and `text_ocr`) from the PP-OCRv6 text detector; the model loads once per actor."""
+class _DetectorStage:
+    """Frames in, scores out: a detector (loaded once per actor) scores each clip's decoded frames; a clip whose
+    frames did not decode keeps its scoring failure."""
 
-    name = "filter-text"
     input_columns = ("clip_id", "frames_jpeg")
     output_schema = SCORED_SCHEMA
+    frames: int | None = None  # frames of each clip the detector looks at (evenly chosen); None: all sampled
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from pipeline.scoring.ocr import TextDetector
+        self.config = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
 
-        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
-        self.cfg = cfg.filter.text
-        t = self.cfg
-        self.detector = TextDetector(
-            max_side=t.max_side,
-            box_thresh=t.box_thresh,
-            device=t.device,
-            threads=t.threads or max(1, round(t.resources.num_cpus)),
-            batch_size=t.batch_size,
-            recognize=t.recognize,
-        )
+    @staticmethod
+    def threads(section: Any) -> int:
+        """onnxruntime intra-op threads: the section's own, else the pool's CPUs per actor."""
+        return section.threads or max(1, round(section.resources.num_cpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        clips = [frames_of(row, self.cfg.frames, rgb=False) for row in rows]
-        for row, scores in zip(rows, self.detector.score_clips(clips), strict=True):
-            if row.get("frames_jpeg"):  # a clip whose frames did not decode keeps its scoring failure
-                row.update(scores)
-        return table_of(rows, self.output_schema)
-
-
-class NsfwDetectStage:
-    """Adds `score_nsfw` from NudeNet's exposed-content classes; the model loads once per actor."""
-
-    name = "filter-nsfw"
-    input_columns = ("clip_id", "frames_jpeg")
-    output_schema = SCORED_SCHEMA
-
-    def __init__(self, config: RecapConfig | dict[str, Any]):
-        from pipeline.scoring.nsfw import NsfwDetector
-
-        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
-        n = cfg.filter.nsfw
-        threads = n.threads or max(1, round(n.resources.num_cpus))
-        self.detector = NsfwDetector(device=n.device, threads=threads, batch_size=n.batch_size)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        clips = [frames_of(row, rgb=False) for row in rows]
+        clips = [frames_of(row, self.frames, rgb=False) for row in rows]
         for row, scores in zip(rows, self.detector.score_clips(clips), strict=True):
             if row.get("frames_jpeg"):
                 row.update(scores)
         return table_of(rows, self.output_schema)
+
+
+class TextDetectStage(_DetectorStage):
+    """Adds `score_text` (and `text_ocr`) from the PP-OCRv6 text detector."""
+
+    name = "filter-text"
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.scoring.ocr import TextDetector
+
+        super().__init__(config)
+        t = self.config.filter.text
+        self.frames = t.frames
+        self.detector = TextDetector(
+            max_side=t.max_side,
+            box_thresh=t.box_thresh,
+            device=t.device,
+            threads=self.threads(t),
+            batch_size=t.batch_size,
+            recognize=t.recognize,
+        )
+
+
+class NsfwDetectStage(_DetectorStage):
+    """Adds `score_nsfw` from NudeNet's exposed-content classes."""
+
+    name = "filter-nsfw"
+
+    def __init__(self, config: RecapConfig | dict[str, Any]):
+        from pipeline.scoring.nsfw import NsfwDetector
+
+        super().__init__(config)
+        n = self.config.filter.nsfw
+        self.detector = NsfwDetector(device=n.device, threads=self.threads(n), batch_size=n.batch_size)
 
 
 class ClipModelStage:
