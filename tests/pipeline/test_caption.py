@@ -74,21 +74,42 @@ def test_switching_the_captioner_keeps_earlier_versions_and_upstream_tables(capt
     assert versions["recap-tiny:qwen2_5_vl"] == versions["recap-tiny:qwen3_vl"]
 
 
-def test_captions_failing_qc_are_retried_then_rejected(captioned, tmp_path):
+def test_caption_qc_and_caption_match_reject_and_a_rerun_reconsiders(captioned, tmp_path):
+    """Captions failing QC are retried, then rejected; with the filter's (tiny) CLIP on, each caption has a
+    text-video cosine, and a threshold above every one rejects them all; a re-run with other rules undoes the
+    stage's own earlier rejections and applies the new ones (one copy, two caption runs for both checks)."""
     import shutil
+
+    import numpy as np
+
+    from pipeline.stages.filter import clip_scorer_from_config
 
     out = tmp_path / "strict"
     shutil.copytree(captioned, out)
-    run_pipeline(_config("caption.qc.min_words=200"), str(out), stages=["caption"], force=True)
+    captioned_clips = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
+    assert captioned_clips
+    expected = clip_scorer_from_config(_config()).caption_match(
+        [c["caption"] for c in captioned_clips],
+        [np.asarray(c["clip_embedding"], np.float32) for c in captioned_clips],
+    )
+    assert [c["score_caption_match"] for c in captioned_clips] == pytest.approx(expected.tolist(), abs=1e-4)
+    # The same captioner as the copy's captions (an earlier test may have switched it): the same captions again.
+    model = f"caption.model={captioned_clips[0]['caption_model']}"
+
+    run_pipeline(_config(model, "caption.qc.min_words=200"), str(out), stages=["caption"], force=True)
     clips = [c for c in _table(out, "clips").to_pylist() if c["caption"] is not None]
     assert clips and all(c["reject_reason"] == "caption_too_short" and c["passed"] is False for c in clips)
     assert all("too_short" in c["caption_flags"] for c in clips)
     rejects = [r for r in _table(out, "rejects").to_pylist() if r["stage"] == "caption"]
     assert len(rejects) == len(clips) and all("after 2 attempt(s)" in r["detail"] for r in rejects)
-    # Relaxing QC again takes those clips back: the stage undoes only its own rejections.
-    run_pipeline(_config(), str(out), stages=["caption"], force=True)
+
+    strict_match = f"caption.min_caption_match={float(max(expected)) + 1e-3}"
+    run_pipeline(_config(model, strict_match), str(out), stages=["caption"], force=True)
     again = [c for c in _table(out, "clips").to_pylist() if c["caption"] is not None]
-    assert len(again) == len(clips) and all(c["passed"] for c in again)
+    assert len(again) == len(clips)
+    assert all(c["reject_reason"] == "caption_mismatch" and c["passed"] is False for c in again)
+    rejects = [r for r in _table(out, "rejects").to_pylist() if r["stage"] == "caption"]
+    assert sorted(r["reason"] for r in rejects) == ["caption_mismatch"] * len(again)  # too_short ones were undone
 
 
 def test_caption_without_a_model_says_what_to_set(ray_session, captioned):
@@ -96,30 +117,3 @@ def test_caption_without_a_model_says_what_to_set(ray_session, captioned):
 
     with pytest.raises(StageInputError, match="caption.model"):
         run_pipeline(_config("caption.model=null"), str(captioned), stages=["caption"])
-
-
-def test_caption_match_scores_captions_against_clip_embeddings(captioned, tmp_path):
-    """With the filter's (tiny) CLIP model on, each caption gets a text-video cosine; a threshold rejects."""
-    import shutil
-
-    import numpy as np
-
-    from pipeline.stages.filter import clip_scorer_from_config
-
-    cfg = _config()
-    out = tmp_path / "matched"
-    shutil.copytree(captioned, out)
-    clips = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
-    assert clips
-    scorer = clip_scorer_from_config(cfg)
-    expected = scorer.caption_match(
-        [c["caption"] for c in clips], [np.asarray(c["clip_embedding"], np.float32) for c in clips]
-    )
-    assert [c["score_caption_match"] for c in clips] == pytest.approx(expected.tolist(), abs=1e-4)
-    # The same captioner as the copy's captions (an earlier test may have switched it), with a threshold above
-    # every score: each caption is rejected.
-    model = clips[0]["caption_model"]
-    strict = _config(f"caption.model={model}", f"caption.min_caption_match={float(max(expected)) + 1e-3}")
-    run_pipeline(strict, str(out), stages=["caption"], force=True)
-    again = [c for c in _table(out, "clips").to_pylist() if c["caption"]]
-    assert again and all(c["reject_reason"] == "caption_mismatch" for c in again)
