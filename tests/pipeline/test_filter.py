@@ -41,7 +41,8 @@ def filtered(ray_session, derived_clips, tmp_path_factory):
             "filter.nsfw.enabled=true",
         ],
     )
-    results = run_pipeline(config, str(out), inputs=[str(derived_clips)])
+    # Only the stages these tests read: caption and encode would add two actor pools and change nothing here.
+    results = run_pipeline(config, str(out), inputs=[str(derived_clips)], stages=["ingest", "split", "filter"])
     clips = {Path(c["uri"]).stem: c for c in _table(out, "clips").to_pylist()}
     return out, clips, results
 
@@ -115,7 +116,8 @@ def test_dedup_against_an_earlier_corpus(ray_session, filtered, derived_clips, s
         ["ray.progress=off", "split.max_clip_s=null", "filter.clip.model=null", f"filter.dedup.against=['{earlier}']"],
     )
     out = tmp_path / "new_crawl"
-    run_pipeline(cfg, str(out), inputs=[str(derived_clips / "original.mp4"), str(derived_clips / "frozen.mp4")])
+    inputs = [str(derived_clips / "original.mp4"), str(derived_clips / "frozen.mp4")]
+    run_pipeline(cfg, str(out), inputs=inputs, stages=["ingest", "split", "filter"])
     clips = {Path(c["uri"]).stem: c for c in _table(out, "clips").to_pylist()}
     assert clips["original"]["reject_reason"] == "near_duplicate"  # already in the earlier corpus
     assert clips["frozen"]["reject_reason"] == "low_motion"

@@ -27,7 +27,9 @@ def smoke_config():
 def bad_run(ray_session, bad_corpus, smoke_config, tmp_path_factory):
     root, expected = bad_corpus
     out = tmp_path_factory.mktemp("bad_run")
-    results = run_pipeline(smoke_config, str(out), inputs=[str(root)])
+    # Bad files are caught by the stages that decode (ingest, split, filter); caption and encode only ever see the
+    # good files' clips, which their own tests cover.
+    results = run_pipeline(smoke_config, str(out), inputs=[str(root)], stages=["ingest", "split", "filter"])
     return out, root, expected, results
 
 
