@@ -225,28 +225,27 @@ class ClipModelConfig(_Section):
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=16))
 
 
-class TextDetectorConfig(_Section):
-    """PP-OCRv6 text detection (rapidocr wheel, onnxruntime) for `score_text`; its own actor pool."""
+class _DetectorConfig(_Section):
+    """An ONNX detector on its own actor pool (onnxruntime; `onnxruntime-gpu` for device cuda)."""
 
     enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per actor; 0: the pool's num_cpus")
+    batch_size: int = Field(8, ge=1, description="frames per detector call")
+    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
+
+
+class TextDetectorConfig(_DetectorConfig):
+    """PP-OCRv6 text detection (rapidocr wheel, onnxruntime) for `score_text`; its own actor pool."""
+
     frames: int = Field(4, ge=1, le=64, description="sampled frames (evenly chosen) the detector looks at per clip")
     max_side: int = Field(640, ge=64, description="frames are scaled so their long side is at most this")
     box_thresh: float = Field(0.5, gt=0, lt=1, description="PP-OCR box score below which a box is dropped")
     recognize: bool = Field(False, description="also recognise the text of the frame with the most text (text_ocr)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per actor; 0: the pool's num_cpus")
-    batch_size: int = Field(8, ge=1, description="frames per detector call")
-    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
 
 
-class NsfwDetectorConfig(_Section):
+class NsfwDetectorConfig(_DetectorConfig):
     """NudeNet 320n (nudenet wheel, onnxruntime) for `score_nsfw`; its own actor pool. Off: CLIP zero-shot."""
-
-    enabled: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per actor; 0: the pool's num_cpus")
-    batch_size: int = Field(8, ge=1, description="frames per detector call")
-    resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=8))
 
 
 class DedupConfig(_Section):

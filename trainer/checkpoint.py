@@ -244,13 +244,12 @@ def save_sharded(path: str, state: dict[str, Any], own: dict[str, Any], meta: di
 def load_sharded(path: str, state: dict[str, Any], rank: int | None) -> dict[str, Any] | None:
     """Load `path` into `state` in place (each rank reads its own shards; a collective under a process group) and
     return this rank's `own` entry, or None when `rank` is None (the checkpoint was written by another world size)."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     request = dict(state)
     if rank is not None:
         request[f"rank_{rank}"] = (None,)
-    import torch.distributed as dist
-
     alone = not (dist.is_available() and dist.is_initialized())  # one process resuming a multi-rank run
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # that is the intent
