@@ -92,7 +92,7 @@ def sequential(config_path: str, inputs: list[str], out: Path) -> tuple[float, i
     from pipeline import manifest
     from pipeline.config import load_config
     from pipeline.schema import CLIPS_SCHEMA, FILTERED_CLIPS_SCHEMA
-    from pipeline.shards.writer import write_corpus_shards
+    from pipeline.shards.corpus import write_corpus_shards
     from pipeline.stages.caption import CaptionModelStage, CaptionPrepStage
     from pipeline.stages.encode import EncodeModelStage, EncodePrepStage
     from pipeline.stages.filter import ClipModelStage, FilterScoreStage, _filter_decisions, _videos_with_clips

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_synthetic_corpus(out: Path, samples: int, shape: tuple[int, ...], text_len: int, text_dim: int) -> None:
-    from pipeline.shards.writer import encode_latent, write_corpus_shards
+    from pipeline.shards.corpus import write_corpus_shards
+    from pipeline.shards.writer import encode_latent
 
     rng = np.random.default_rng(0)
     meta = {"vae": "bench:random", "vae_sha256": "0" * 64, "latent_dtype": "float16", "text_encoder": "bench"}

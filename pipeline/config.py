@@ -424,6 +424,11 @@ class EncodeConfig(_Section):
     trust_remote_code: bool = False
     shard_max_bytes: int = Field(1 << 30, ge=1 << 16)
     shard_max_count: int = Field(10_000, ge=1)
+    shard_writers_per_node: int = Field(
+        1,
+        ge=1,
+        description="shard-writing actors on each node with CPUs or GPUs (each writes the latents its node made)",
+    )
     prep_resources: Resources = Field(default_factory=lambda: Resources(concurrency=2, batch_size=1))
     resources: Resources = Field(default_factory=lambda: Resources(concurrency=1, batch_size=4))
 

@@ -15,7 +15,6 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults, manifest
@@ -153,7 +152,8 @@ class StageCheckpoint:
     def __init__(self, out: str, stage: str, fp: str, guard: Any = None):
         self.stage = stage
         self.guard = guard  # called before every commit: the writer lease's check (a run judged dead stops)
-        self.fs, self.dir = manifest._fs(f"{out.rstrip('/')}/manifest/_work/{stage}")
+        self.uri = f"{out.rstrip('/')}/manifest/_work/{stage}"  # workers write side outputs under it
+        self.fs, self.dir = manifest._fs(self.uri)
         marker = f"{self.dir}/fingerprint"
         if self.fs.exists(self.dir):
             old = self.fs.cat_file(marker).decode() if self.fs.exists(marker) else None
@@ -251,28 +251,14 @@ def damaged_shards(out: str) -> list[str]:
 
 
 def seed_encode_checkpoint(out: str, checkpoint: StageCheckpoint, meta: dict[str, Any]) -> int:
-    """Commit the samples of the intact shards to an encode checkpoint, so a re-run redoes only the rest.
+    """Commit the intact shards of a finished encode to its checkpoint, so a re-run redoes only the rest.
 
     Returns how many samples were kept."""
-    from pipeline.shards.writer import SHARD_COLUMNS
+    from pipeline.shards.corpus import keep_intact_shards
 
-    bad = set(damaged_shards(out))
-    samples = manifest.read_table(out, "samples")
-    shards = manifest.read_table(out, "shards").rename_columns(["shard", *SHARD_COLUMNS_FROM_TABLE])
-    keep = samples.filter(pc.invert(pc.is_in(samples.column("shard"), pa.array(sorted(bad), pa.string()))))
-    # Each sample's shard facts, looked up by shard name (Arrow's join cannot carry the list columns).
-    where = pc.index_in(keep.column("shard"), value_set=shards.column("shard"))
-    keep = keep.filter(pc.is_valid(where))
-    where = where.filter(pc.is_valid(where))
-    for name in SHARD_COLUMNS:
-        keep = keep.append_column(name, shards.column(name).take(where))
-    checkpoint.commit(keep)
+    kept = keep_intact_shards(out, checkpoint, set(damaged_shards(out)))
     checkpoint.save_meta(meta)
-    return keep.num_rows
-
-
-# The shards table's columns as the shard writer's checkpoint names them (SHARD_COLUMNS order).
-SHARD_COLUMNS_FROM_TABLE = ("shard_num_samples", "shard_bytes", "shard_sha256", "shard_bucket")
+    return kept
 
 
 def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dict[str, int]:

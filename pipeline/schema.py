@@ -228,6 +228,7 @@ SHARDS_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("bucket", pa.string()),  # latent shape the shard holds, e.g. "32x5x32x56"
+        ("writer_node", pa.string()),  # the Ray node id of the process that wrote it (None: written outside Ray)
     ]
 )
 

@@ -240,6 +240,9 @@ def test_recap_on_a_two_node_cluster(ray_cluster, sample_videos, tmp_path):
     passed = {c["clip_id"] for c in clips if c["passed"]}
     assert passed
     assert sorted(s["key"] for s in manifest.read_table(str(output), "samples").to_pylist()) == sorted(passed)
+    # The worker node wrote the shards (the driver only committed their records).
+    writers = {s["writer_node"] for s in manifest.read_table(str(output), "shards").to_pylist()}
+    assert writers == {worker}
 
 
 def test_a_failing_ray_job_fails_with_its_last_log_lines(ray_cluster):

@@ -3,9 +3,10 @@
 A shard is a plain POSIX ustar archive (a pax header only for a member name or size that ustar cannot
 hold): each member `KEY.ext` in sorted order of `ext`, mtime 0, uid/gid 0, user/group `bigdata`, mode
 0444, so the same samples give the same bytes. It is written under a temporary name, fsynced, and
-renamed to `shard-NNNNNN.tar` only when complete; its sha256 and size are computed while writing.
-Parallel writers never collide: writer `w` of `n` uses shard numbers w, w+n, w+2n, ... Local paths and
-fsspec URIs both work (remote shards are staged locally, uploaded to `.NAME.partial`, then moved).
+renamed only when complete to `shard-HHHHHHHHHHHHHHHH.tar`, named by a hash of its sorted sample keys: the
+name is decided by the content, so parallel writers never collide and a retried write of the same samples
+replaces the same file instead of adding a copy. Its sha256 and size are computed while writing. Local
+paths and fsspec URIs both work (remote shards are staged locally, uploaded to `.NAME.partial`, then moved).
 
 Speed: each sample goes to the file in one `os.writev` (tar headers and padding around the payload
 buffers, no copy of large payloads); sha256 runs on the same buffers in a thread per open shard
@@ -72,6 +73,13 @@ class ShardInfo:
     bytes: int
     sha256: str
     bucket: str
+    keys: tuple[str, ...] = ()  # the samples' keys, in write order
+
+
+def shard_name(keys: Any) -> str:
+    """The file name of a shard holding samples `keys`: a hash of the sorted keys (keys contain no newline)."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()
+    return f"shard-{digest[:16]}.tar"
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -160,14 +168,19 @@ def encode_latent(latent: np.ndarray) -> bytes:
 
 
 def sample_members(
-    key: str, latent: np.ndarray, caption: str, meta: dict[str, Any], extra: dict[str, bytes] | None = None
+    key: str,
+    latent: np.ndarray | bytes,
+    caption: str,
+    meta: dict[str, Any],
+    extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """The tar members of one sample, in the layout of ../shared/DESIGN.md."""
-    if not key or "." in key:
-        raise ValueError(f"sample key {key!r} must be non-empty and contain no dot")
+    """The tar members of one sample, in the layout of ../shared/DESIGN.md (`latent`: an array, or its `.npy`
+    bytes as `encode_latent` makes them)."""
+    if not key or "." in key or "\n" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no dot or newline")
     sample = {
         "__key__": key,
-        "latent.npy": encode_latent(latent),
+        "latent.npy": latent if isinstance(latent, bytes) else encode_latent(latent),
         "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
@@ -186,10 +199,10 @@ class _OpenShard:
     parallel while the writing thread goes on.
     """
 
-    def __init__(self, number: int, bucket: str, tmp_dir: str):
-        self.name = f"shard-{number:06d}.tar"
+    def __init__(self, bucket: str, tmp_dir: str):
         self.bucket = bucket
-        self.tmp_path = os.path.join(tmp_dir, f".{self.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.keys: list[str] = []
+        self.tmp_path = os.path.join(tmp_dir, f".shard-{uuid.uuid4().hex}.tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         self.fd: int | None = os.open(self.tmp_path, flags, 0o666)
         self._close_fd = weakref.finalize(self, os.close, self.fd)  # also if the writer is dropped unclosed
@@ -254,18 +267,11 @@ class ShardWriter:
         out_dir: str,
         max_bytes: int = 1 << 30,
         max_count: int = 10_000,
-        writer_index: int = 0,
-        num_writers: int = 1,
-        first_number: int = 0,
         on_finish: Callable[[ShardInfo], None] | None = None,
     ):
-        if not 0 <= writer_index < num_writers:
-            raise ValueError(f"writer_index {writer_index} must be in [0, {num_writers})")
         self.out_dir = out_dir.rstrip("/")
         self.max_bytes = max_bytes
         self.max_count = max_count
-        self.step = num_writers
-        self.next_number = first_number + writer_index
         self.local = is_local(out_dir)
         if self.local:
             self.stage_dir = local_path(self.out_dir)
@@ -284,9 +290,7 @@ class ShardWriter:
     def _new(self, bucket: str) -> _OpenShard:
         if not self.local:
             os.makedirs(self.stage_dir, exist_ok=True)  # removed by close(); a writer may go on after it
-        shard = _OpenShard(self.next_number, bucket, self.stage_dir)
-        self.next_number += self.step
-        return shard
+        return _OpenShard(bucket, self.stage_dir)
 
     def _write(self, shard: _OpenShard, pieces: list[bytes], nbytes: int) -> None:
         """Write to `shard`, first waiting for hashing if too many written bytes are not hashed yet.
@@ -306,8 +310,8 @@ class ShardWriter:
         pending.append((shard.write(pieces, nbytes, self.local), nbytes))
         self._pending_bytes += nbytes
 
-    def write(self, sample: dict[str, Any], bucket: str) -> str:
-        """Add one sample (tar members by extension plus `__key__`); returns its shard's final name."""
+    def write(self, sample: dict[str, Any], bucket: str) -> None:
+        """Add one sample (tar members by extension plus `__key__`) to the open shard of `bucket`."""
         pieces = tar_pieces(sample)
         nbytes = sum(len(p) for p in pieces)
         shard = self.open.get(bucket)
@@ -322,7 +326,7 @@ class ShardWriter:
             shard = self.open[bucket] = self._new(bucket)
         self._write(shard, pieces, nbytes)
         shard.count += 1
-        return shard.name
+        shard.keys.append(sample["__key__"])
 
     def _finish(self, shard: _OpenShard) -> None:
         end = _ZEROS[: end_size(shard.size)]
@@ -332,14 +336,15 @@ class ShardWriter:
             os.fsync(shard.fd)  # the data is durable before the name appears (hashing goes on meanwhile)
         digest = shard.sha256()
         shard.close()
+        name = shard_name(shard.keys)
         if self.local:
-            os.replace(shard.tmp_path, os.path.join(self.stage_dir, shard.name))
+            os.replace(shard.tmp_path, os.path.join(self.stage_dir, name))
             self._renamed = True
         else:
-            partial = f"{self.remote_dir}/.{shard.name}.partial"
+            partial = f"{self.remote_dir}/.{name}.partial"
             try:
                 self.fs.put_file(shard.tmp_path, partial)
-                self.fs.mv(partial, f"{self.remote_dir}/{shard.name}")
+                self.fs.mv(partial, f"{self.remote_dir}/{name}")
             except BaseException:
                 with contextlib.suppress(Exception):
                     if self.fs.exists(partial):
@@ -347,7 +352,7 @@ class ShardWriter:
                 raise
             finally:
                 os.unlink(shard.tmp_path)
-        info = ShardInfo(shard.name, shard.count, shard.size, digest, shard.bucket)
+        info = ShardInfo(name, shard.count, shard.size, digest, shard.bucket, tuple(shard.keys))
         self.done.append(info)
         self.open.pop(shard.bucket, None)
         if self.on_finish is not None:  # e.g. commit the shard's samples: only once its name is durable
@@ -385,117 +390,3 @@ class ShardWriter:
         self._pending_bytes = 0
         if not self.local:
             shutil.rmtree(self.stage_dir, ignore_errors=True)
-
-
-SHARD_COLUMNS = ("shard_bytes", "shard_sha256", "shard_bucket", "shard_num_samples")
-
-
-def shard_number(name: str) -> int:
-    return int(name.removeprefix("shard-").removesuffix(".tar"))
-
-
-def write_corpus_shards(
-    out: str,
-    samples: Any,
-    max_bytes: int = 1 << 30,
-    max_count: int = 10_000,
-    samples_schema: Any = None,
-    checkpoint: Any = None,
-) -> dict[str, int]:
-    """Write (key, latent, caption, meta) samples into `out/shards` and the `samples`/`shards` tables.
-
-    `samples` yields dicts with `key`, `latent` (C, T, H, W), `caption`, `meta` (the clip's metadata,
-    stored as KEY.json), optional `extra` (more tar members, e.g. {"text_emb.npy": bytes}) and `row` (more
-    `samples` columns: vae, num_frames, ..., the clip's scores; `samples_schema` extends SAMPLES_SCHEMA for them).
-
-    Resumable with a `checkpoint` (pipeline.resume.StageCheckpoint): each finished shard's samples are
-    committed once the shard is durable under its final name. Shards of an earlier, interrupted run that were
-    committed stay (the caller skips their keys); any other shard file or temporary is removed first, and new
-    shards are numbered after the committed ones.
-    """
-    import pyarrow as pa
-
-    from pipeline import manifest
-    from pipeline.resume import StageCheckpoint
-    from pipeline.schema import SAMPLES_SCHEMA, SHARDS_SCHEMA
-
-    schema = samples_schema or SAMPLES_SCHEMA
-    commit_schema = pa.schema(
-        list(schema)
-        + [
-            pa.field("shard_bytes", pa.int64()),
-            pa.field("shard_sha256", pa.string()),
-            pa.field("shard_bucket", pa.string()),
-            pa.field("shard_num_samples", pa.int64()),
-        ]
-    )
-    owned = checkpoint is None
-    if owned:
-        checkpoint = StageCheckpoint(out, "shards", f"direct-{uuid.uuid4().hex}")
-    shard_dir = f"{out.rstrip('/')}/shards"
-    committed = checkpoint.read(schema=commit_schema)
-    kept = set(committed.column("shard").to_pylist()) if committed is not None else set()
-    _remove_uncommitted(shard_dir, kept)
-    first = max((shard_number(n) for n in kept), default=-1) + 1
-    rows_by_shard: dict[str, list[dict[str, Any]]] = {}
-
-    def commit(info: ShardInfo) -> None:
-        rows = rows_by_shard.pop(info.shard)
-        extra = {
-            "shard_bytes": info.bytes,
-            "shard_sha256": info.sha256,
-            "shard_bucket": info.bucket,
-            "shard_num_samples": info.num_samples,
-        }
-        checkpoint.commit(pa.Table.from_pylist([{**r, **extra} for r in rows], schema=commit_schema))
-
-    writer = ShardWriter(shard_dir, max_bytes=max_bytes, max_count=max_count, first_number=first, on_finish=commit)
-    try:
-        for item in samples:
-            latent = np.asarray(item["latent"])
-            members = sample_members(item["key"], latent, item["caption"], item["meta"], item.get("extra"))
-            shard = writer.write(members, bucket_of(latent.shape))
-            rows_by_shard.setdefault(shard, []).append(
-                {
-                    "latent_dtype": str(latent.dtype),  # bfloat16 latents are stored as uint16: the row names it
-                    **item.get("row", {}),
-                    "key": item["key"],
-                    "shard": shard,
-                    "caption": item["caption"],
-                    "latent_shape": list(latent.shape),
-                    "bytes": sum(len(v) for k, v in members.items() if k != "__key__"),
-                }
-            )
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    table = checkpoint.read(schema=commit_schema)
-    table = table if table is not None else commit_schema.empty_table()
-    manifest.write_table(out, "samples", table.select(schema.names), prefix="samples", schema=schema)
-    shards: dict[str, dict[str, Any]] = {}
-    for row in table.select(["shard", *SHARD_COLUMNS]).to_pylist():
-        shards[row["shard"]] = {
-            "shard": row["shard"],
-            "num_samples": row["shard_num_samples"],
-            "bytes": row["shard_bytes"],
-            "sha256": row["shard_sha256"],
-            "bucket": row["shard_bucket"],
-        }
-    ordered = [shards[name] for name in sorted(shards)]
-    manifest.write_table(out, "shards", pa.Table.from_pylist(ordered, schema=SHARDS_SCHEMA), prefix="shards")
-    if owned:
-        checkpoint.clear()
-    return {"samples": table.num_rows, "shards": len(ordered), "resumed_shards": len(kept)}
-
-
-def _remove_uncommitted(shard_dir: str, keep: set[str]) -> None:
-    """Delete shard files no checkpoint commit vouches for (a crash between rename and commit), and temporaries."""
-    fs, path = fsspec.core.url_to_fs(shard_dir)
-    if not fs.exists(path):
-        return
-    for entry in fs.ls(path, detail=False):
-        name = entry.rsplit("/", 1)[-1]
-        stray = name.startswith(".") and (name.endswith((".tmp", ".partial")))
-        if stray or (name.startswith("shard-") and name.endswith(".tar") and name not in keep):
-            fs.rm(entry)

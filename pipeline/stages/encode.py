@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import manifest
+from pipeline import faults, manifest
 from pipeline.config import EncodeConfig, RecapConfig
 from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
@@ -47,6 +47,7 @@ PREP_SCHEMA = pa.schema(
         ("frame_stride", pa.int32()),
         ("caption", pa.string()),
         ("prep_error", pa.string()),
+        ("clip_json", pa.string()),  # the clip's manifest row, for the shard writer (KEY.json, samples columns)
     ]
 )
 
@@ -66,6 +67,7 @@ LATENT_SCHEMA = pa.schema(
         ("vae_sha256", pa.string()),
         ("vae_info", pa.string()),  # JSON: Vae.info() plus what was stored
         ("error", pa.string()),
+        ("clip_json", pa.string()),  # passed through from PREP_SCHEMA
     ]
 )
 
@@ -124,6 +126,12 @@ def prepare_clip(
     }
 
 
+def clip_json(row: dict[str, Any]) -> str:
+    """The clip's manifest fields as JSON, without its bulk columns (perceptual hashes, CLIP embedding)."""
+    keep = {k: v for k, v in row.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    return json.dumps(keep, sort_keys=True)
+
+
 class OutOfMemory(Exception):
     """One clip does not fit in the encoder's memory even alone."""
 
@@ -151,11 +159,11 @@ class EncodePrepStage(IsolatedStage):
             self.multiple,
             self.config.video.backend,
         )
-        caption = row.get("caption")
+        base = {"clip_id": row["clip_id"], "caption": row.get("caption"), "clip_json": clip_json(row)}
         rejected = self.reject_of(outcome)
         if rejected is not None:
-            return {"clip_id": row["clip_id"], "caption": caption, "prep_error": f"{rejected[0]}: {rejected[1]}"}
-        return {"clip_id": row["clip_id"], "caption": caption, **outcome.result}
+            return {**base, "prep_error": f"{rejected[0]}: {rejected[1]}"}
+        return {**base, **outcome.result}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -253,6 +261,7 @@ class EncodeModelStage:
                 "vae_info": self.vae_info,
                 "frame_indices": row.get("frame_indices"),
                 "frame_stride": row.get("frame_stride"),
+                "clip_json": row.get("clip_json"),
             }
             out[row["clip_id"]] = base
             if row.get("prep_error") or not row.get("frames"):
@@ -290,12 +299,13 @@ class EncodeModelStage:
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage on Ray: encode the passing clips, write shards and the samples/shards tables
+# the stage on Ray: encode the passing clips; shard writers on the workers write shards and samples files,
+# the driver commits their records and publishes the samples/shards tables
 
 
 def _sample_meta(clip: dict[str, Any], latent_row: dict[str, Any]) -> dict[str, Any]:
     """KEY.json: the clip's ids, source, times, scores and caption model, plus how its latent was made."""
-    keep = {k: v for k, v in clip.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    keep = dict(clip)
     keep.update(json.loads(latent_row["vae_info"]))  # vae, vae_sha256, scaling/shift, latent_dtype, logvar_stored...
     keep.update(
         frame_indices=latent_row["frame_indices"],
@@ -314,11 +324,211 @@ def _vae_spec(cfg: Any) -> dict[str, str | None]:
     return {"vae_spec": spec, "vae_subfolder": subfolder}
 
 
-def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Encode every passing (and, when captioned, captioned) clip and write shards plus samples/shards tables."""
-    import ray.data
+# What a shard writer hands the driver for each block: counts and small records, never latents or captions.
+WRITE_RESULT_KEYS = ("rows", "rejects", "shards", "vae_info")
 
-    from pipeline.shards.writer import write_corpus_shards
+
+class ShardWriteActor:
+    """A Ray actor pinned to one node: encoded rows (LATENT_SCHEMA) -> samples in content-named shards on the output
+    filesystem, each finished shard's samples rows in the stage's work directory (pipeline.shards.corpus).
+
+    `write_block` returns only WRITE_RESULT_KEYS: how many rows it took, the encode rejects (ids and reasons), the
+    records of the shards it finished, and (once) the VAE's description."""
+
+    def __init__(self, output: str, work_uri: str, config: dict[str, Any], samples_schema: pa.Schema, node_id: str):
+        from pipeline.shards.corpus import CorpusShardWriter
+
+        cfg = EncodeConfig.model_validate(config["encode"])
+        self.score_columns = [name for name in samples_schema.names if name.startswith("score_")]
+        self.writer = CorpusShardWriter(
+            output, work_uri, samples_schema, cfg.shard_max_bytes, cfg.shard_max_count, node_id
+        )
+        self._told_vae = False
+
+    def write_block(self, block: pa.Table, start: int | None = None, end: int | None = None) -> dict[str, Any]:
+        from pipeline.shards.writer import bucket_of, sample_members
+
+        if start is not None and end is not None:
+            block = block.slice(start, end - start)
+        if self.writer.pending:  # tests kill a writer here: mid-shard, with samples written but not committed
+            faults.actor_call("shard-writer")
+        rejects: list[dict[str, Any]] = []
+        vae_info = None
+        for row in block.to_pylist():
+            clip = json.loads(row["clip_json"])
+            if row["error"]:
+                rejects.append(
+                    {
+                        "stage": "encode",
+                        "item_id": row["clip_id"],
+                        "uri": clip.get("uri"),
+                        "reason": RejectReason.ENCODE_ERROR.value,
+                        "detail": row["error"],
+                    }
+                )
+                continue
+            if not self._told_vae:
+                vae_info, self._told_vae = row["vae_info"], True
+            caption = clip.get("caption") or ""
+            extra = {name: row[col] for name, col in (("logvar.npy", "logvar"), ("text_emb.npy", "text_emb"))}
+            members = sample_members(
+                row["clip_id"],
+                row["latent"],
+                caption,
+                _sample_meta(clip, row),
+                {name: data for name, data in extra.items() if data},
+            )
+            self.writer.add(
+                members,
+                bucket_of(row["latent_shape"]),
+                {
+                    **{name: clip.get(name) for name in self.score_columns},
+                    "caption": caption,
+                    "latent_shape": row["latent_shape"],
+                    "latent_dtype": row["latent_dtype"],
+                    "vae": row["vae"],
+                    "vae_sha256": row["vae_sha256"],
+                    "has_text_emb": bool(row["text_emb"]),
+                    "logvar_stored": bool(row["logvar"]),
+                    "num_frames": len(row["frame_indices"]),
+                    "frame_stride": row["frame_stride"],
+                    "height": row["height"],
+                    "width": row["width"],
+                },
+            )
+        return {"rows": block.num_rows, "rejects": rejects, "shards": self.writer.take(), "vae_info": vae_info}
+
+    def close(self) -> dict[str, Any]:
+        return {"rows": 0, "rejects": [], "shards": self.writer.close(), "vae_info": None}
+
+
+def check_write_result(result: dict[str, Any], max_text: int = 1 << 16) -> int:
+    """Refuse a writer result that carries payloads (bytes, or text longer than `max_text`); its size in bytes as
+    the driver received it (JSON)."""
+
+    def walk(value: Any) -> None:
+        if isinstance(value, (bytes, bytearray, memoryview, np.ndarray)):
+            raise TypeError(f"a shard writer sent the driver {type(value).__name__} data: only records may come back")
+        if isinstance(value, str) and len(value) > max_text:
+            raise TypeError(f"a shard writer sent the driver {len(value)} characters of text: only records may")
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    if set(result) != set(WRITE_RESULT_KEYS):
+        raise TypeError(f"a shard writer result has keys {sorted(result)}, expected {list(WRITE_RESULT_KEYS)}")
+    walk(result)
+    return len(json.dumps(result))
+
+
+class _Writer:
+    def __init__(self, node_id: str, actor: Any):
+        self.node_id = node_id
+        self.actor = actor
+        self.in_flight = 0
+
+
+class ShardWriterPool:
+    """`per_node` ShardWriteActors on each alive node with CPUs or GPUs (pinned there); a block goes to a writer on
+    a node that holds it (no transfer), else to the least busy one. A writer that dies is replaced on its node."""
+
+    def __init__(self, make: Any, per_node: int):
+        import ray
+
+        self._make = make
+        nodes = [
+            n["NodeID"]
+            for n in ray.nodes()
+            if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)
+        ]
+        if not nodes:
+            raise StageInputError("the Ray cluster has no alive node with CPUs or GPUs to write shards on")
+        self.writers = [_Writer(node, make(node)) for node in nodes for _ in range(per_node)]
+        self.lost = 0
+
+    def pick(self, ref: Any) -> _Writer:
+        import ray
+
+        try:
+            holders = set(ray.experimental.get_object_locations([ref])[ref].get("node_ids") or [])
+        except Exception:  # noqa: BLE001 - locality is an optimisation: any writer can take any block
+            holders = set()
+        local = [w for w in self.writers if w.node_id in holders]
+        return min(local or self.writers, key=lambda w: w.in_flight)
+
+    def replace(self, dead: _Writer) -> None:
+        """Drop a writer whose process died (its open shards are lost: the stage encodes their clips again)."""
+        self.lost += 1
+        self.writers.remove(dead)
+        try:
+            self.writers.append(_Writer(dead.node_id, self._make(dead.node_id)))
+        except Exception:  # noqa: BLE001 - the node itself is gone: the other writers go on
+            if not self.writers:
+                raise
+
+    def __len__(self) -> int:
+        return len(self.writers)
+
+
+def _block_refs(bundle: Any) -> list[tuple[Any, int | None, int | None]]:
+    """(block ref, start, end) of each block of a Ray Data RefBundle (a slice, or the whole block)."""
+    slices = getattr(bundle, "slices", None) or [None] * len(bundle.blocks)
+    out = []
+    for entry, piece in zip(bundle.blocks, slices, strict=True):
+        ref = entry.ref if hasattr(entry, "ref") else entry[0]
+        out.append((ref, None, None) if piece is None else (ref, piece.start_offset, piece.end_offset))
+    return out
+
+
+def write_from_workers(ds: Any, pool: ShardWriterPool, on_result: Any, max_in_flight: int = 2) -> None:
+    """Stream `ds`'s blocks to the shard writers by reference (the driver never fetches a block) and hand each
+    writer result to `on_result` as it arrives; then close every writer and hand on their last records."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    pending: dict[Any, _Writer] = {}
+
+    def wait_one() -> None:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            writer = pending.pop(ref)
+            writer.in_flight -= 1
+            try:
+                result = ray.get(ref)
+            except RayActorError:
+                if writer in pool.writers:
+                    log.warning(
+                        "recap: a shard writer on node %s died; its unfinished shards are redone", writer.node_id
+                    )
+                    pool.replace(writer)
+                continue
+            on_result(result)
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for ref, start, end in _block_refs(bundle):
+            writer = pool.pick(ref)
+            pending[writer.actor.write_block.remote(ref, start, end)] = writer
+            writer.in_flight += 1
+            while len(pending) >= max_in_flight * len(pool):
+                wait_one()
+    while pending:
+        wait_one()
+    for writer in list(pool.writers):
+        pending[writer.actor.close.remote()] = writer
+    while pending:
+        wait_one()
+
+
+def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards."""
+    import ray
+    import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.shards import corpus
     from pipeline.vae.load import fallback_note
 
     start = time.monotonic()
@@ -329,91 +539,91 @@ def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | N
     if fallback:
         log.warning("recap: WARNING: %s", fallback)
     clips = manifest.read_table(output, "clips")
+    clips = clips.drop_columns([c for c in ("phashes", "clip_embedding") if c in clips.column_names])
     mask = pc.equal(clips.column("passed"), True)
     if "caption" in clips.column_names:
         mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
-    todo = clips.filter(mask)
+    wanted = clips.filter(mask)
     checkpoint = stage_checkpoint(output, "encode", checkpoint)
-    done = checkpoint.done("key")  # samples in shards an interrupted run finished
-    if done:
-        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
-    by_id = {r["clip_id"]: r for r in todo.to_pylist()}
+    records = corpus.committed_records(checkpoint)
+    corpus.remove_orphans(output, checkpoint, set(records.column("shard").to_pylist()))
+    resumed_shards = records.num_rows
+    resumed = len(corpus.committed_keys(checkpoint, records))  # samples in shards an interrupted run finished
     # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
-    score_fields = [f for f in clips.schema if f.name.startswith("score_")]
-    score_columns = [f.name for f in score_fields]
-    samples_schema = pa.schema(list(SAMPLES_SCHEMA) + score_fields)
-    progress = stage_progress(config, "encode", todo.num_rows, "clips")
+    samples_schema = pa.schema(list(SAMPLES_SCHEMA) + [f for f in clips.schema if f.name.startswith("score_")])
     reject_rows: list[dict[str, Any]] = []
     vae_info: dict[str, Any] = {}
+    received = [0]
+    cfg_dict = config.to_dict()
+    actor_cls = ray.remote(ShardWriteActor)
 
-    def samples():
+    def make_writer(node_id: str) -> Any:
+        return actor_cls.options(
+            num_cpus=0,
+            max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(output, checkpoint.uri, cfg_dict, samples_schema, node_id)
+
+    def on_result(result: dict[str, Any]) -> None:
+        received[0] += check_write_result(result)
+        if result["vae_info"] and not vae_info:
+            vae_info.update(json.loads(result["vae_info"]), **_vae_spec(cfg))
+            if fallback:
+                vae_info["vae_fallback_note"] = fallback
+            checkpoint.save_meta(vae_info)
+        if result["shards"]:
+            checkpoint.commit(corpus.records_table(result["shards"]))
+        reject_rows.extend(result["rejects"])
+        progress.update(result["rows"], rejected=len(result["rejects"]))
+
+    def left_to_do() -> pa.Table:
+        done = pa.concat_arrays(
+            [corpus.committed_keys(checkpoint), pa.array([r["item_id"] for r in reject_rows], pa.string())]
+        )
+        return wanted.filter(pc.invert(pc.is_in(wanted.column("clip_id"), done)))
+
+    todo = left_to_do()
+    progress = stage_progress(config, "encode", todo.num_rows, "clips")
+    lost = 0
+    # A shard writer that dies takes its unfinished shards with it: their clips are encoded again, at most
+    # isolation.infrastructure_retries more times, before the stage gives up (a re-run resumes them).
+    for attempt in range(config.isolation.infrastructure_retries + 1):
         if not todo.num_rows:
-            return
-        cols = ["clip_id", "uri", "start_frame", "end_frame", "start_s", "fps"]
-        if "caption" in todo.column_names:
-            cols.append("caption")
-        ds = ray.data.from_arrow(todo.select(cols), override_num_blocks=min(todo.num_rows, 1000))
-        ds = map_stage(ds, EncodePrepStage, cfg.prep_resources, (config.to_dict(),))
-        ds = map_stage(ds, EncodeModelStage, cfg.resources, (config.to_dict(),))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                clip = by_id[row["clip_id"]]
-                if not vae_info:
-                    vae_info.update(json.loads(row["vae_info"]), **_vae_spec(cfg))
-                    if fallback:
-                        vae_info["vae_fallback_note"] = fallback
-                    checkpoint.save_meta(vae_info)
-                if row["error"]:
-                    reject_rows.append(
-                        {
-                            "stage": "encode",
-                            "item_id": row["clip_id"],
-                            "uri": clip["uri"],
-                            "reason": RejectReason.ENCODE_ERROR.value,
-                            "detail": row["error"],
-                        }
-                    )
-                    continue
-                latent = np.load(io.BytesIO(row["latent"]), allow_pickle=False)
-                extra = {name: row[col] for name, col in (("logvar.npy", "logvar"), ("text_emb.npy", "text_emb"))}
-                yield {
-                    "key": row["clip_id"],
-                    "latent": latent,
-                    "caption": clip.get("caption") or "",
-                    "meta": _sample_meta(clip, row),
-                    "extra": {name: data for name, data in extra.items() if data},
-                    "row": {
-                        **{name: clip.get(name) for name in score_columns},
-                        "latent_dtype": row["latent_dtype"],
-                        "vae": row["vae"],
-                        "vae_sha256": row["vae_sha256"],
-                        "has_text_emb": bool(row["text_emb"]),
-                        "logvar_stored": bool(row["logvar"]),
-                        "num_frames": len(row["frame_indices"]),
-                        "frame_stride": row["frame_stride"],
-                        "height": row["height"],
-                        "width": row["width"],
-                    },
-                }
-            progress.update(batch.num_rows, rejected=sum(1 for e in batch.column("error").to_pylist() if e))
-
-    counts = write_corpus_shards(
-        output,
-        samples(),
-        max_bytes=cfg.shard_max_bytes,
-        max_count=cfg.shard_max_count,
-        samples_schema=samples_schema,
-        checkpoint=checkpoint,
-    )
+            break
+        if attempt:
+            log.warning("recap: encoding %d clip(s) again that lost shard writers took with them", todo.num_rows)
+        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
+        ds = map_stage(ds, EncodePrepStage, cfg.prep_resources, (cfg_dict,))
+        ds = map_stage(ds, EncodeModelStage, cfg.resources, (cfg_dict,))
+        pool = ShardWriterPool(make_writer, cfg.shard_writers_per_node)
+        write_from_workers(ds, pool, on_result)
+        lost += pool.lost
+        for writer in pool.writers:
+            ray.kill(writer.actor)
+        todo = left_to_do()
+    progress.close()
+    if todo.num_rows:
+        raise RuntimeError(
+            f"encode: {todo.num_rows} clip(s) were lost with {lost} shard writer(s) that died; re-run the same "
+            "command to encode them (the committed shards are kept)"
+        )
+    records = corpus.committed_records(checkpoint)
+    corpus.remove_orphans(output, checkpoint, set(records.column("shard").to_pylist()))
+    counts = corpus.publish(output, checkpoint, samples_schema)
     if not vae_info:  # nothing new encoded (all resumed): what the interrupted run recorded
         vae_info.update(checkpoint.load_meta())
-    progress.close()
     manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="encode")
+    shard_bytes = int(pc.sum(records.column("bytes")).as_py() or 0)
     return StageResult(
         "encode",
         time.monotonic() - start,
-        counts={"clips": todo.num_rows + len(done), **counts, "rejected": len(reject_rows)},
+        counts={
+            "clips": wanted.num_rows,
+            **counts,
+            "resumed_shards": resumed_shards,
+            "rejected": len(reject_rows),
+        },
         rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
-        info=vae_info,
-        resumed=len(done),
+        info={**vae_info, "writers": {"lost": lost, "driver_received_bytes": received[0], "shard_bytes": shard_bytes}},
+        resumed=resumed,
     )

@@ -166,6 +166,39 @@ def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, overrides, 
     assert clips == sorted(c["clip_id"] for c in _table(baseline, "clips"))
 
 
+def test_a_shard_writer_killed_mid_shard_loses_and_doubles_nothing(ray_session, baseline, overrides, tmp_path):
+    """The encode stage's shard writer (a Ray actor that writes shards on its node) dies with samples in an open
+    shard: the run replaces it, encodes the lost clips again, and the corpus equals the uninterrupted one."""
+    import shutil
+
+    from pipeline import manifest
+    from pipeline.stages.encode import check_write_result
+
+    faults = Path(os.environ["RECAP_FAULTS_DIR"])  # set by conftest before Ray started
+    out = tmp_path / "writer"
+    shutil.copytree(baseline, out)
+    (faults / "kill-once-shard-writer").write_text("")
+    # Two samples a shard (the baseline has one): the writer holds an unfinished shard between blocks.
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*overrides, "encode.shard_max_count=2"])
+    (result,) = run_pipeline(config, str(out), stages=["encode"], force=True)
+    assert list(faults.glob("killed-shard-writer-*")), "no shard writer was killed"
+    assert result.info["writers"]["lost"] == 1
+    assert validate_corpus(str(out)) == []
+    assert _corpus(out) == _corpus(baseline)
+    assert _leftovers(out) == []
+    shards = manifest.read_table(str(out), "shards").to_pylist()
+    assert max(s["num_samples"] for s in shards) == 2
+    # Written on the workers: each shard names the Ray node of its writer, and what reached the driver was a few
+    # records, not the latents (the shards' bytes).
+    import ray
+
+    assert {s["writer_node"] for s in shards} == {ray.get_runtime_context().get_node_id()}
+    writers = result.info["writers"]
+    assert 0 < writers["driver_received_bytes"] < 0.02 * writers["shard_bytes"], writers
+    with pytest.raises(TypeError, match="bytes data"):
+        check_write_result({"rows": 1, "rejects": [], "shards": [{"latent": b"x"}], "vae_info": None})
+
+
 def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_path):
     import shutil
 

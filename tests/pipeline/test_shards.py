@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import tarfile
 import uuid
@@ -12,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.shards.corpus import write_corpus_shards
 from pipeline.shards.validate import validate_corpus
 from pipeline.shards.writer import (
     ShardWriter,
     bucket_of,
     end_size,
     sample_members,
+    shard_name,
     tar_header,
     tar_pieces,
-    write_corpus_shards,
 )
 
 SHAPES = [(32, 3, 8, 12), (32, 3, 12, 8)]  # two aspect-ratio buckets
@@ -460,13 +462,12 @@ def test_object_store_s3(s3_endpoint, tmp_path):
     fs = s3_endpoint
     fs.mkdir("recap-test")
     members = _members(6)
-    writers = [
-        ShardWriter("s3://recap-test/corpus/shards", max_count=2, writer_index=w, num_writers=2) for w in (0, 1)
-    ]
+    writers = [ShardWriter("s3://recap-test/corpus/shards", max_count=2) for _ in (0, 1)]
     for i, (sample, bucket) in enumerate(members):
-        writers[i % 2].write(sample, bucket)  # two parallel writers into one prefix
+        writers[i % 2].write(sample, bucket)  # two parallel writers into one prefix: names come from content
     infos = writers[0].close() + writers[1].close()
-    assert sorted(i.shard for i in infos) == [f"shard-{n:06d}.tar" for n in range(4)]
+    assert len({i.shard for i in infos}) == 4
+    assert all(i.shard == shard_name(i.keys) for i in infos)
     fs.invalidate_cache()
     _check_store(fs, "recap-test/corpus/shards", infos, members, tmp_path)
 
@@ -494,5 +495,12 @@ def test_abort_keeps_finished_shards_and_drops_temporaries(tmp_path):
     for sample, _ in _members(5):
         writer.write(sample, "one")
     writer.abort()
-    assert [i.shard for i in writer.done] == ["shard-000000.tar", "shard-000001.tar"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    keys = [sample["__key__"] for sample, _ in _members(5)]
+    names = [shard_name(keys[0:2]), shard_name(keys[2:4])]
+    assert [i.shard for i in writer.done] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+def test_shard_names_come_from_the_sorted_keys():
+    assert shard_name(["b", "a"]) == shard_name(["a", "b"]) != shard_name(["a", "c"])
+    assert re.fullmatch(r"shard-[0-9a-f]{16}\.tar", shard_name(["a"]))

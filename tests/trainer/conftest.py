@@ -93,7 +93,8 @@ def _key(i: int) -> str:
 def write_corpus(out: Path, latents: list[np.ndarray], taef2, taef2_dir: Path, text_encoder: str | None = None):
     """A corpus through the pipeline's writer: shards (2 samples each), samples/shards tables, run.json."""
     from pipeline import manifest
-    from pipeline.shards.writer import encode_latent, write_corpus_shards
+    from pipeline.shards.corpus import write_corpus_shards
+    from pipeline.shards.writer import encode_latent
 
     embedder = None
     if text_encoder is not None:

@@ -117,7 +117,7 @@ def test_refuses_shards_from_two_vaes(real_latents, taef2, tmp_path, make_config
 
 
 def test_refuses_a_corpus_whose_manifest_lists_two_vaes(real_latents, taef2, make_config, tmp_path):
-    from pipeline.shards.writer import write_corpus_shards
+    from pipeline.shards.corpus import write_corpus_shards
 
     def items():
         for i, vae in enumerate(["taesd:taef2", "diffusers:AutoencoderKL:other"]):
