@@ -4,9 +4,11 @@ The corpus is distinct content (bench/make_corpus.py: procedurally generated 640
 shots alike), --minutes of it, and four times that for the scaling figures. Cached in --corpus-dir if given.
 
 1. `recap run` (local Ray, --cpus CPUs) on the corpus: clips/min and each stage's share of the time.
-2. The same stages called in a plain sequential loop in one process (the stage classes directly, no Ray):
+2. The same `recap run` with `ray.streaming=false` (one stage at a time): the streaming run's wall over the sum
+   of its stage walls, target <= 0.8.
+3. The same stages called in a plain sequential loop in one process (the stage classes directly, no Ray):
    target: Ray >= 1.6x faster.
-3. The driver process alone: bytes it writes to storage over the shard bytes (target < 2%: workers should
+4. The driver process alone: bytes it writes to storage over the shard bytes (target < 2%: workers should
    write), and its peak RSS on the 4x corpus over the 1x corpus (target <= 1.1: it must not carry the corpus).
    Peak RSS of the whole process tree (driver, Ray, workers) too.
 Prints figures and ends with one JSON line of them; asserts nothing.
@@ -49,10 +51,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def recap_run(config: str, inputs: list[str], out: Path, cpus: int) -> tuple[float, dict[str, int], dict]:
+def recap_run(
+    config: str, inputs: list[str], out: Path, cpus: int, extra: tuple[str, ...] = ()
+) -> tuple[float, dict[str, int], dict]:
     """(wall seconds, {tree_rss, driver_rss, driver_write_bytes} peaks, run.json stages) of one `recap run`."""
     argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", config, "--output", str(out)]
-    argv += ["--set", "ray.progress=off", "--set", f"ray.num_cpus={cpus}", "--input", *inputs]
+    argv += ["--set", "ray.progress=off", "--set", f"ray.num_cpus={cpus}"]
+    for override in extra:
+        argv += ["--set", override]
+    argv += ["--input", *inputs]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -165,6 +172,9 @@ def main() -> None:
         written = shard_bytes(work / "ray")
         samples = stages["encode"]["counts"]["samples"]
         clips = stages["split"]["counts"]["clips"]
+        one_at_a_time, _, stages_apart = recap_run(
+            args.config, base, work / "apart", args.cpus, ("ray.streaming=false",)
+        )
         seq_s, seq_samples = sequential(args.config, base, work / "seq")
         wall4, peak4, stages4 = recap_run(args.config, many, work / "ray4", args.cpus)
         written4 = shard_bytes(work / "ray4")
@@ -177,6 +187,11 @@ def main() -> None:
     for name, s in stages.items():
         print(f"  {name:<8} {s['seconds']:6.1f} s  {100 * s['seconds'] / stage_total:5.1f}%")
     print(f"  (outside stages: Ray start-up, planning: {wall - stage_total:.1f} s)")
+    apart_sum = sum(s["seconds"] for s in stages_apart.values())
+    print(f"one stage at a time (Ray)        {one_at_a_time:7.1f} s   (stages {apart_sum:.1f} s)")
+    print(
+        f"streaming / one stage at a time: {wall / one_at_a_time:.2f} of the wall, {wall / apart_sum:.2f} of the stage sum"
+    )
     print(f"sequential, one process          {seq_s:7.1f} s   ({seq_samples} samples)")
     print(f"Ray / sequential speed-up: {seq_s / wall:.2f}x  (target >= 1.6)\n")
     mib = 2**20
@@ -191,7 +206,8 @@ def main() -> None:
         "driver_write_vs_shard_bytes_4x": round(peak4["driver_write_bytes"] / max(1, written4), 4),
         "driver_rss_4x_vs_1x": round(peak4["driver_rss"] / max(1, peak1["driver_rss"]), 3),
         "tree_rss_4x_vs_1x": round(peak4["tree_rss"] / max(1, peak1["tree_rss"]), 3),
-        "streaming_vs_stage_sum": None,  # stages run one at a time (issue 15): nothing to compare yet
+        "streaming_vs_stage_sum": round(wall / max(apart_sum, 1e-9), 3),
+        "streaming_vs_one_at_a_time_wall": round(wall / one_at_a_time, 3),
         "clips": clips,
         "samples": samples,
         "samples_4x": stages4["encode"]["counts"]["samples"],

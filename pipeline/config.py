@@ -35,6 +35,11 @@ class Resources(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (or uses RAY_ADDRESS)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None means all")
+    streaming: bool = Field(
+        True,
+        description="run caption -> encode as one streaming pipeline (each pool works while the one before it "
+        "still produces); false: one stage at a time",
+    )
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     log_interval_s: float = Field(
         10.0, gt=0, description="seconds between progress lines when output is not a terminal"

@@ -137,6 +137,86 @@ def map_stage(
     )
 
 
+def through(
+    stage_cls: type,
+    passthrough: tuple[str, ...],
+    skip: str | None = None,
+    post: tuple[type, tuple] | None = None,
+    key: str = "clip_id",
+) -> type:
+    """`stage_cls` in a streaming pipeline: its output rows keep the input's `passthrough` columns (matched by
+    `key`), and rows whose `skip` column is true are not given to it (they come out with its columns null).
+    `post` (a class and its arguments) is built in the same actor and applied to each output batch: a last step
+    (e.g. writing the batch's results) that needs no pool of its own.
+
+    Stages of two recap stages chained in one Ray Data pipeline carry what the later one needs this way; a row
+    an earlier stage rejected passes the later ones untouched. Columns whose names start with `_` are the
+    pipeline's own (commit records, the skip flag), never a table's."""
+
+    class Through(stage_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._post = post[0](*post[1]) if post else None
+
+        def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+            batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
+            skipped = None
+            work = batch
+            if skip is not None and skip in batch.column_names:
+                mask = pc.fill_null(batch.column(skip), False)
+                work, skipped = batch.filter(pc.invert(mask)), batch.filter(mask)
+            out = super().__call__(work) if work.num_rows else stage_cls.output_schema.empty_table()
+            if skipped is not None and skipped.num_rows:
+                filler = {
+                    f.name: skipped.column(key) if f.name == key else pa.nulls(skipped.num_rows, f.type)
+                    for f in out.schema
+                }
+                out = pa.concat_tables([out, pa.table(filler, schema=out.schema)])
+            where = pc.index_in(out.column(key), value_set=batch.column(key))
+            for name in passthrough:
+                if name not in out.column_names:
+                    out = out.append_column(batch.schema.field(name), batch.column(name).take(where))
+            return self._post(out) if self._post is not None else out
+
+    Through.__name__ = Through.__qualname__ = stage_cls.__name__  # Ray names the operator after it
+    Through.output_schema = stage_cls.output_schema
+    return Through
+
+
+def map_through(
+    ds: Any,
+    names: list[str],
+    stage_cls: type,
+    resources: Resources,
+    constructor_args: tuple,
+    passthrough: tuple[str, ...] = (),
+    skip: str | None = None,
+    runtime_env: dict | None = None,
+    post: tuple[type, tuple] | None = None,
+) -> tuple[Any, list[str]]:
+    """`map_stage` for a chain whose columns are known (`names`: the input's), without asking Ray for the
+    schema (which would run part of the pipeline); returns the dataset and its columns (`post`'s class
+    says what it makes of them with `output_names`)."""
+    import ray.data
+
+    missing = [c for c in stage_cls.input_columns if c not in names]
+    if missing:
+        raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {names}")
+    kept = tuple(c for c in passthrough if c in names and c not in stage_cls.output_schema.names)
+    ds = ds.map_batches(
+        through(stage_cls, kept, skip, post) if kept or skip or post else stage_cls,
+        fn_constructor_args=constructor_args,
+        batch_size=resources.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus or None,
+        runtime_env=runtime_env,
+    )
+    names = [*stage_cls.output_schema.names, *kept]
+    return ds, post[0].output_names(names) if post else names
+
+
 def rejects_from(table: pa.Table, stage: str, id_column: str) -> pa.Table:
     mask = pc.equal(table.column("status"), VideoStatus.REJECTED.value)
     bad = table.filter(mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import uuid
 from importlib import metadata
@@ -166,6 +167,59 @@ def write_table(
         writer.abort()
         raise
     return writer.rows_written
+
+
+def write_part(dir_uri: str, name: str, table: pa.Table) -> None:
+    """One Parquet file `name` under `dir_uri`, whole or not at all (written to a temporary name, then moved):
+    how workers write their side of a table (a shard's samples rows, a batch of captions)."""
+    fs, path = _fs(dir_uri)
+    fs.makedirs(path, exist_ok=True)
+    tmp = f"{path}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+    fs.mv(tmp, f"{path}/{name}")
+
+
+def remove_unlisted(dir_uri: str, keep: set[str], suffix: str = ".parquet") -> int:
+    """Delete the files under `dir_uri` named `*suffix` that are not in `keep`, and temporaries; how many."""
+    fs, path = _fs(dir_uri)
+    if not fs.exists(path):
+        return 0
+    removed = 0
+    for entry in fs.ls(path, detail=False):
+        name = entry.rsplit("/", 1)[-1]
+        stray = name.startswith(".") and name.endswith((".tmp", ".partial"))
+        if stray or (name.endswith(suffix) and not name.startswith(".") and name not in keep):
+            fs.rm(entry)
+            removed += 1
+    return removed
+
+
+def _link_or_copy(fs: Any, src: str, dst: str) -> None:
+    """`dst` gets the bytes of `src` without this process reading them: a hard link on a local disk, the
+    store's own copy elsewhere."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    fs.copy(src, dst)
+
+
+def publish_parts(out: str, name: str, prefix: str, parts: list[str], schema: pa.Schema) -> None:
+    """Make the Parquet files `parts` (full paths written by workers) the parts of table `name` under `prefix`,
+    swapped in whole; the driver links or copies them, it never reads or rewrites them."""
+    fs, table = _fs(table_dir(out, name))
+    staging = f"{table}/.{prefix}.new-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(staging, exist_ok=True)
+    for part in parts:
+        _, src = _fs(part)
+        _link_or_copy(fs, src, f"{staging}/part-{src.rsplit('/', 1)[-1]}")
+    if not parts:  # an empty table still has its columns
+        with fs.open(f"{staging}/part-empty.parquet", "wb") as fh:
+            pq.write_table(schema.empty_table(), fh)
+    _swap_in(fs, staging, f"{table}/{prefix}")
 
 
 def table_columns(out: str, name: str) -> list[str]:

@@ -120,9 +120,14 @@ class RunState:
                 parts.append(f"{len(names)} input file(s) {label}: {shown}")
         return "; ".join(parts) or "the input files changed"
 
-    def start(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any]) -> None:
-        state = {"status": "running", "fingerprint": fp, "settings": settings, "started_at": _utc_now()}
+    def start(
+        self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any], started_at: str | None = None
+    ) -> str:
+        """The stage is running (since `started_at`, e.g. when a stream that does its work began; default now)."""
+        started_at = started_at or _utc_now()
+        state = {"status": "running", "fingerprint": fp, "settings": settings, "started_at": started_at}
         self._update(config, stage, state)
+        return started_at
 
     def finish(self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any], info: dict) -> None:
         """The stage is done: `info` plus when it started (this command's start of it) and finished."""

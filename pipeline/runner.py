@@ -29,7 +29,7 @@ from pipeline.resume import (
 )
 from pipeline.schema import RejectReason
 from pipeline.stages.caption import run_caption
-from pipeline.stages.encode import run_encode
+from pipeline.stages.encode import run_encode, stream_caption_encode
 from pipeline.stages.filter import run_filter
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.split import run_split
@@ -157,6 +157,7 @@ def run_pipeline(
             plan.append((stage, settings))
         results: list[StageResult] = []
         cfg_dict = config.to_dict()
+        streamed: dict[str, tuple[str, dict[str, Any]]] = {}  # stage -> (started_at, work done in a stream)
         with RaySession(config, address):
             for stage, settings in plan:
                 if dry_run and stage == "filter":
@@ -191,7 +192,10 @@ def run_pipeline(
                 checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
                 if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
                     seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
-                state.start(stage, fp, settings, cfg_dict)
+                if stage == "caption" and "encode" in chosen and config.ray.streaming:
+                    streamed.update(_stream_caption_encode(config, output, state, action, fp, checkpoint, force, held))
+                started_at, done_here = streamed.get(stage, (None, {}))
+                state.start(stage, fp, settings, cfg_dict, started_at)
                 try:
                     result = _run_stage(stage, config, output, inputs, uris, checkpoint, skipped)
                 except Exception as exc:
@@ -202,6 +206,11 @@ def run_pipeline(
                         f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
                         "(install, runtime env, memory) and re-run the same command to resume"
                     ) from None
+                if done_here:  # the stream before this call did that work in this command: not "resumed"
+                    result.resumed = max(0, result.resumed - done_here.get("items", 0))
+                    if "resumed_shards" in result.counts:
+                        result.counts["resumed_shards"] -= done_here.get("shards", 0)
+                    result.seconds += done_here.get("seconds", 0.0)
                 info = {
                     "seconds": result.seconds,
                     "counts": result.counts,
@@ -215,6 +224,43 @@ def run_pipeline(
                 checkpoint.clear()
                 results.append(result)
         return results
+
+
+def _stream_caption_encode(
+    config: RecapConfig,
+    output: str,
+    state: RunState,
+    action: str,
+    caption_fp: str,
+    caption_checkpoint: StageCheckpoint,
+    force: bool,
+    held: Any,
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Run caption and encode as one streaming pipeline when both start fresh (nothing committed in either);
+    the stages then finish as usual. Returns what the stream did per stage, for their run.json records."""
+    import time
+
+    if action == "skip" or caption_checkpoint.parts():
+        return {}
+    settings = stage_settings(config, "encode")
+    fp = fingerprint(settings, caption_fp)
+    if action != "run" and state.decide("encode", fp, settings, force) == "skip":
+        return {}
+    if action == "run":
+        state.mark_stale_after("caption", config.to_dict())
+    encode_checkpoint = StageCheckpoint(output, "encode", fp, guard=getattr(held, "check", None))
+    if encode_checkpoint.parts():
+        return {}
+    cfg_dict = config.to_dict()
+    started_at = state.start("caption", caption_fp, stage_settings(config, "caption"), cfg_dict)
+    state.start("encode", fp, settings, cfg_dict, started_at)
+    start = time.monotonic()
+    done = stream_caption_encode(config, output, caption_checkpoint, encode_checkpoint)
+    seconds = time.monotonic() - start
+    return {
+        "caption": (started_at, {"items": done["caption"], "seconds": seconds}),
+        "encode": (started_at, {"items": done["encode"], "shards": done["shards"], "seconds": seconds}),
+    }
 
 
 def _run_stage(

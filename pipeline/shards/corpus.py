@@ -13,14 +13,11 @@ driver never rewrites them) and the records the `shards` table.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import fsspec
-import fsspec.implementations.local
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,8 +56,7 @@ class CorpusShardWriter:
     ):
         self.schema = samples_schema or SAMPLES_SCHEMA
         self.node_id = node_id
-        self.fs, self.samples_path = fsspec.core.url_to_fs(samples_dir(work_uri))
-        self.fs.makedirs(self.samples_path, exist_ok=True)
+        self.samples_uri = samples_dir(work_uri)
         self.shards = ShardWriter(shard_dir(out), max_bytes=max_bytes, max_count=max_count, on_finish=self._finished)
         self._rows: dict[str, dict[str, Any]] = {}  # samples rows of the open shards, by key (no payloads)
         self._records: list[dict[str, Any]] = []
@@ -82,11 +78,7 @@ class CorpusShardWriter:
     def _finished(self, info: ShardInfo) -> None:
         rows = [{**self._rows.pop(key), "shard": info.shard} for key in info.keys]
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        final = f"{self.samples_path}/{_stem(info.shard)}.parquet"
-        tmp = f"{self.samples_path}/.{_stem(info.shard)}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-        self.fs.mv(tmp, final)
+        manifest.write_part(self.samples_uri, f"{_stem(info.shard)}.parquet", table)
         self._records.append(
             {
                 "shard": info.shard,
@@ -140,48 +132,17 @@ def remove_orphans(out: str, checkpoint: Any, keep: set[str]) -> int:
 
     Safe only while no writer of the stage runs (at its start, and after its writers closed). Returns how
     many files were removed."""
-    removed = 0
-    for directory, suffix in ((shard_dir(out), ".tar"), (samples_dir(checkpoint.uri), ".parquet")):
-        fs, path = fsspec.core.url_to_fs(directory)
-        if not fs.exists(path):
-            continue
-        for entry in fs.ls(path, detail=False):
-            name = entry.rsplit("/", 1)[-1]
-            stray = name.startswith(".") and name.endswith((".tmp", ".partial"))
-            orphan = (
-                name.endswith(suffix) and not name.startswith(".") and f"{name.removesuffix(suffix)}.tar" not in keep
-            )
-            if stray or orphan:
-                fs.rm(entry)
-                removed += 1
-    return removed
-
-
-def _link_or_copy(fs: Any, src: str, dst: str) -> None:
-    """`dst` gets the bytes of `src` without this process reading them: a hard link on a local disk, the
-    store's own copy elsewhere."""
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        with contextlib.suppress(OSError):
-            os.link(src, dst)
-            return
-    fs.copy(src, dst)
+    return manifest.remove_unlisted(shard_dir(out), keep, ".tar") + manifest.remove_unlisted(
+        samples_dir(checkpoint.uri), {f"{_stem(name)}.parquet" for name in keep}
+    )
 
 
 def publish(out: str, checkpoint: Any, samples_schema: pa.Schema | None = None) -> dict[str, int]:
     """Make the committed shards the corpus's `samples` and `shards` tables (each swapped in whole)."""
-    schema = samples_schema or SAMPLES_SCHEMA
     records = committed_records(checkpoint).sort_by("shard")
-    fs, table_path = fsspec.core.url_to_fs(manifest.table_dir(out, "samples"))
-    staging = f"{table_path}/.samples.new-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(staging, exist_ok=True)
-    _, source = fsspec.core.url_to_fs(samples_dir(checkpoint.uri))
     names = records.column("shard").to_pylist()
-    for name in names:
-        _link_or_copy(fs, f"{source}/{_stem(name)}.parquet", f"{staging}/part-{_stem(name)}.parquet")
-    if not names:  # an empty table still has its columns
-        with fs.open(f"{staging}/part-empty.parquet", "wb") as fh:
-            pq.write_table(schema.empty_table(), fh)
-    manifest._swap_in(fs, staging, f"{table_path}/samples")
+    parts = [f"{samples_dir(checkpoint.uri)}/{_stem(name)}.parquet" for name in names]
+    manifest.publish_parts(out, "samples", "samples", parts, samples_schema or SAMPLES_SCHEMA)
     manifest.write_table(out, "shards", records, prefix="shards")
     return {"samples": int(pc.sum(records.column("num_samples")).as_py() or 0), "shards": records.num_rows}
 

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.engine import StageResult, count_by, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import CAPTION_FIELDS, CAPTIONS_TABLE_SCHEMA, REJECTS_SCHEMA, RejectReason, table_of
@@ -268,55 +268,171 @@ class CaptionMatchStage:
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
         rows = rows_of(batch)
-        scores = self.scorer.caption_match(
-            [r["caption"] for r in rows], [np.asarray(r["clip_embedding"], np.float32) for r in rows]
-        )
-        return pa.table(
-            {"clip_id": [r["clip_id"] for r in rows], "score_caption_match": scores.astype(float)}, schema=MATCH_SCHEMA
-        )
+        scored = [i for i, r in enumerate(rows) if r.get("caption") and r.get("clip_embedding")]
+        out: list[float | None] = [None] * len(rows)  # no caption, or no embedding from the filter: no score
+        if scored:
+            values = self.scorer.caption_match(
+                [rows[i]["caption"] for i in scored],
+                [np.asarray(rows[i]["clip_embedding"], np.float32) for i in scored],
+            )
+            for i, value in zip(scored, values.astype(float), strict=True):
+                out[i] = float(value)
+        return pa.table({"clip_id": [r["clip_id"] for r in rows], "score_caption_match": out}, schema=MATCH_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage on Ray: caption the passing clips, write captions and clips
+# the stage on Ray: caption the passing clips; the workers write each batch's captions as a part, the driver
+# commits the parts' names, then publishes `captions` (the parts) and writes the caption columns of `clips`
+
+# A batch's captions as a worker writes them: the `captions` table's columns plus the CLIP caption match.
+PART_SCHEMA = pa.schema(list(CAPTIONS_SCHEMA) + [pa.field("score_caption_match", pa.float64())])
+# What the driver commits per part (the stage checkpoint's rows).
+PART_RECORD_SCHEMA = pa.schema([("part", pa.string()), ("rows", pa.int64())])
+CAPTION_ONLY = ("caption_raw", "caption_failed", "caption_attempts")  # in `captions`, not in `clips`
+# The streaming pipeline's own columns (never a table's): the part a row's caption is in, and the decision.
+RECORD_COLUMNS = ("_caption_part", "_caption_rows", "_skip")
 
 
-def _caption_match(config: RecapConfig, clips: pa.Table, captions: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """score_caption_match per captioned clip, when the filter stored CLIP embeddings and a CLIP model is set."""
-    import ray.data
+def parts_dir(work_uri: str) -> str:
+    return f"{work_uri.rstrip('/')}/parts"
 
-    if not config.filter.clip.model or "clip_embedding" not in clips.column_names:
-        return {}
-    rows = [
-        {"clip_id": r["clip_id"], "caption": captions[r["clip_id"]]["caption"], "clip_embedding": r["clip_embedding"]}
-        for r in clips.select(["clip_id", "clip_embedding"]).to_pylist()
-        if r["clip_id"] in captions and r["clip_embedding"] and captions[r["clip_id"]]["caption"]
-    ]
-    if not rows:
-        return {}
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows), override_num_blocks=min(len(rows), 100))
-    ds = map_stage(ds, CaptionMatchStage, config.filter.clip.resources, (config.to_dict(),))
-    out: dict[str, float] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        out.update(
-            zip(batch.column("clip_id").to_pylist(), batch.column("score_caption_match").to_pylist(), strict=True)
+
+def caption_reject(cap: dict[str, Any], cfg: CaptionConfig) -> tuple[str, str] | None:
+    """Why a captioned clip is rejected (reason, detail), or None: a failed caption, or a caption that does not
+    match the video (`score_caption_match` < caption.min_caption_match)."""
+    match = cap.get("score_caption_match")
+    mismatch = match is not None and cfg.min_caption_match is not None and match < cfg.min_caption_match
+    if mismatch and not cap["caption_failed"]:
+        return RejectReason.CAPTION_MISMATCH.value, f"caption-video match {match:.3f} < {cfg.min_caption_match}"
+    if cap["caption_failed"]:
+        failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f in ("no_frames", "model_error")]
+        return (
+            RejectReason(f"caption_{failing[0]}").value,
+            f"flags {cap['caption_flags']} after {cap['caption_attempts']} attempt(s): "
+            f"{(cap['caption_raw'] or '')[:200]!r}",
         )
-    return out
+    return None
 
 
-def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
-    import ray.data
+class CaptionRecordStage:
+    """After the model: a batch's captions become one Parquet part in the stage's work directory (named by its
+    clip ids, so a retried batch rewrites the same part); each clip goes on with its caption columns and the
+    clip decision (`passed`, `reject_reason`), the part's name and size, and `_skip` when rejected."""
 
-    from captioner.prompts import load_prompt
+    name = "caption-record"
+    input_columns = ("clip_id", *CAPTIONS_SCHEMA.names)
 
-    start = time.monotonic()
+    def __init__(self, config: RecapConfig | dict[str, Any], work_uri: str):
+        cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
+        self.cfg = cfg.caption
+        self.dir = parts_dir(work_uri)
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        if "score_caption_match" not in batch.column_names:
+            batch = batch.append_column("score_caption_match", pa.nulls(batch.num_rows, pa.float64()))
+        part = batch.select(PART_SCHEMA.names).cast(PART_SCHEMA)
+        ids = batch.column("clip_id").to_pylist()
+        name = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16] + ".parquet"
+        manifest.write_part(self.dir, name, part)
+        reasons = [caption_reject(cap, self.cfg) for cap in part.to_pylist()]
+        out = batch.drop_columns([c for c in CAPTION_ONLY if c in batch.column_names])
+        if "passed" in out.column_names:
+            passed = pc.and_(pc.fill_null(out.column("passed"), False), pa.array([r is None for r in reasons]))
+            out = out.set_column(out.schema.get_field_index("passed"), "passed", passed)
+        if "reject_reason" in out.column_names:
+            merged = [
+                r[0] if r else old for r, old in zip(reasons, out.column("reject_reason").to_pylist(), strict=True)
+            ]
+            out = out.set_column(
+                out.schema.get_field_index("reject_reason"), "reject_reason", pa.array(merged, pa.string())
+            )
+        n = batch.num_rows
+        out = out.append_column("_caption_part", pa.array([name] * n, pa.string()))
+        out = out.append_column("_caption_rows", pa.array([n] * n, pa.int64()))
+        return out.append_column("_skip", pa.array([r is not None for r in reasons], pa.bool_()))
+
+    @staticmethod
+    def output_names(names: list[str]) -> list[str]:
+        kept = [n for n in names if n not in CAPTION_ONLY]
+        return kept + [n for n in ("score_caption_match", *RECORD_COLUMNS) if n not in kept]
+
+
+def caption_pipeline(ds: Any, names: list[str], config: RecapConfig, work_uri: str) -> tuple[Any, list[str]]:
+    """The caption stage's part of a Ray Data pipeline over clip rows: decode (CPU pool) -> model (its pool, GPUs)
+    -> CLIP caption match (when the filter's CLIP model is set) -> parts and decisions. The clip columns pass
+    through, so a later stage (encode) can take the rows on."""
+    from pipeline.engine import map_through
+
     cfg = config.caption
-    if cfg.model is None:
-        raise StageInputError("caption.model is not set: name a hub id, a local path, or recap-tiny:qwen2_5_vl")
-    if not manifest.table_exists(output, "clips"):
-        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` (and filter) first")
-    prompt = load_prompt(cfg.prompt)  # a bad prompt file fails here, before any actor starts
-    version = caption_version(cfg.model, prompt.version_id)
+    cfg_dict = config.to_dict()
+    clip_columns = tuple(names)
+    ds, names = map_through(ds, names, CaptionPrepStage, cfg.preprocess_resources, (cfg_dict,), clip_columns)
+    env = None
+    model_resources = cfg.resources
+    if cfg.backend == "vllm":
+        from captioner.backends.vllm import runtime_env
+
+        env = runtime_env(cfg)
+        # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
+        model_resources = cfg.resources.model_copy(
+            update={
+                "concurrency": cfg.vllm.data_parallel_replicas,
+                "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
+            }
+        )
+    record = (CaptionRecordStage, (cfg_dict, work_uri))  # runs in the last caption actor: no pool of its own
+    match = bool(config.filter.clip.model and "clip_embedding" in names)
+    ds, names = map_through(
+        ds,
+        names,
+        CaptionModelStage,
+        model_resources,
+        (cfg_dict,),
+        clip_columns,
+        runtime_env=env,
+        post=None if match else record,
+    )
+    if match:
+        ds, names = map_through(
+            ds,
+            names,
+            CaptionMatchStage,
+            config.filter.clip.resources,
+            (cfg_dict,),
+            (*clip_columns, *names),
+            post=record,
+        )
+    return ds, names
+
+
+def committed_parts(checkpoint: StageCheckpoint) -> list[str]:
+    table = checkpoint.read(schema=PART_RECORD_SCHEMA)
+    return sorted(set(table.column("part").to_pylist())) if table is not None else []
+
+
+def commit_parts(checkpoint: StageCheckpoint, parts: dict[str, int]) -> None:
+    """Commit caption parts (name -> rows) the workers wrote; a part already committed is not committed again."""
+    if parts:
+        checkpoint.commit(pa.table({"part": list(parts), "rows": list(parts.values())}, schema=PART_RECORD_SCHEMA))
+
+
+def read_parts(checkpoint: StageCheckpoint, columns: list[str] | None = None) -> pa.Table:
+    """The committed captions (PART_SCHEMA), from the parts the workers wrote."""
+    import pyarrow.parquet as pq
+
+    fs, path = manifest._fs(parts_dir(checkpoint.uri))
+    tables = []
+    for name in committed_parts(checkpoint):
+        with fs.open(f"{path}/{name}", "rb") as fh:
+            tables.append(pq.read_table(fh, columns=columns, schema=PART_SCHEMA))
+    schema = PART_SCHEMA if columns is None else pa.schema([PART_SCHEMA.field(c) for c in columns])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def caption_todo(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> tuple[pa.Table, pa.Table, int]:
+    """(clips as the caption stage starts from: its own earlier decisions undone, caption columns dropped;
+    the clips still to caption; how many an interrupted run committed). Removes parts never committed."""
     clips = manifest.read_table(output, "clips")
     caption_cols = {f.name for f in CAPTION_FIELDS}
     clips = clips.drop_columns([c for c in clips.column_names if c in caption_cols])
@@ -334,85 +450,89 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
             "reject_reason",
             pa.array([None if o else r for r, o in zip(reasons, own, strict=True)], pa.string()),
         )
-    wanted = [
-        c
-        for c in ("clip_id", "uri", "start_s", "end_s", "duration_s", "fps", "camera_motion")
-        if c in clips.column_names
-    ]
-    todo = clips.filter(pc.equal(clips.column("passed"), True)).select(wanted)
+    manifest.remove_unlisted(parts_dir(checkpoint.uri), set(committed_parts(checkpoint)))
+    done = read_parts(checkpoint, ["clip_id"]).column("clip_id")
+    todo = clips.filter(pc.equal(clips.column("passed"), True))
+    todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), done)))
+    return clips, todo, len(done)
+
+
+def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
+    import ray.data
+
+    from captioner.prompts import load_prompt
+
+    start = time.monotonic()
+    cfg = config.caption
+    if cfg.model is None:
+        raise StageInputError("caption.model is not set: name a hub id, a local path, or recap-tiny:qwen2_5_vl")
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` (and filter) first")
+    prompt = load_prompt(cfg.prompt)  # a bad prompt file fails here, before any actor starts
+    version = caption_version(cfg.model, prompt.version_id)
     checkpoint = stage_checkpoint(output, "caption", checkpoint)
-    done = checkpoint.done("clip_id")
-    resumed = len(done)
-    if done:
-        todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), pa.array(sorted(done), pa.string()))))
+    clips, todo, resumed = caption_todo(config, output, checkpoint)
+    wanted = ["clip_id", "uri", "start_s", "end_s", "duration_s", "fps", "camera_motion", "clip_embedding"]
+    todo = todo.select([c for c in wanted if c in todo.column_names])
     progress = stage_progress(config, "caption", todo.num_rows, "clips")
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds = map_stage(ds, CaptionPrepStage, cfg.preprocess_resources, (config.to_dict(),))
-        env = None
-        model_resources = cfg.resources
-        if cfg.backend == "vllm":
-            from captioner.backends.vllm import runtime_env
-
-            env = runtime_env(cfg)
-            # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
-            model_resources = cfg.resources.model_copy(
-                update={
-                    "concurrency": cfg.vllm.data_parallel_replicas,
-                    "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
-                }
-            )
-        ds = map_stage(ds, CaptionModelStage, model_resources, (config.to_dict(),), runtime_env=env)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            checkpoint.commit(batch)
-            progress.update(batch.num_rows, failed=sum(batch.column("caption_failed").to_pylist()))
+        ds, _names = caption_pipeline(ds, todo.column_names, config, checkpoint.uri)
+        # The driver takes the parts' names and the decisions, never the captions themselves.
+        for batch in ds.select_columns(list(RECORD_COLUMNS)).iter_batches(batch_size=None, batch_format="pyarrow"):
+            names = batch.column("_caption_part").to_pylist()
+            parts = dict(zip(names, batch.column("_caption_rows").to_pylist(), strict=True))
+            commit_parts(checkpoint, parts)
+            progress.update(batch.num_rows, rejected=sum(batch.column("_skip").to_pylist()))
     progress.close()
-    committed = checkpoint.read(schema=CAPTIONS_SCHEMA)
-    committed = committed if committed is not None else CAPTIONS_SCHEMA.empty_table()
-    manifest.write_table(output, "captions", committed, prefix=version, schema=CAPTIONS_SCHEMA)
+    return finish_caption(config, output, checkpoint, clips, version, prompt.version_id, start, resumed)
+
+
+def finish_caption(
+    config: RecapConfig,
+    output: str,
+    checkpoint: StageCheckpoint,
+    clips: pa.Table,
+    version: str,
+    prompt_version: str,
+    start: float,
+    resumed: int,
+) -> StageResult:
+    """Publish the committed parts as the `captions` table (this version), write the caption columns and decisions
+    into `clips`, and the caption rejects."""
+    cfg = config.caption
+    parts = [f"{parts_dir(checkpoint.uri)}/{name}" for name in committed_parts(checkpoint)]
+    manifest.publish_parts(output, "captions", version, parts, PART_SCHEMA)
+    committed = read_parts(checkpoint)
     captions: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in committed.to_pylist()}
-    matches = _caption_match(config, clips, captions)
     rows = clips.to_pylist()
     reject_rows = []
     for row in rows:
         cap = captions.get(row["clip_id"])
         if cap is None:
             continue
-        match = matches.get(row["clip_id"])
         row.update(
             caption=cap["caption"],
             caption_model=cap["caption_model"],
             caption_prompt_version=cap["caption_prompt_version"],
             caption_version=version,
             caption_flags=cap["caption_flags"],
-            score_caption_match=match,
+            score_caption_match=cap["score_caption_match"],
         )
-        mismatch = match is not None and cfg.min_caption_match is not None and match < cfg.min_caption_match
-        if mismatch and not cap["caption_failed"]:
-            row.update(passed=False, reject_reason=RejectReason.CAPTION_MISMATCH.value)
+        rejected = caption_reject(cap, cfg)
+        if rejected is not None:
+            row.update(passed=False, reject_reason=rejected[0])
             reject_rows.append(
                 {
                     "stage": "caption",
                     "item_id": row["clip_id"],
                     "uri": row["uri"],
-                    "reason": RejectReason.CAPTION_MISMATCH.value,
-                    "detail": f"caption-video match {match:.3f} < {cfg.min_caption_match}",
+                    "reason": rejected[0],
+                    "detail": rejected[1],
                 }
             )
-        elif cap["caption_failed"]:
-            failing = [f for f in cap["caption_flags"] if f in cfg.qc.fail_on or f in ("no_frames", "model_error")]
-            reason = RejectReason(f"caption_{failing[0]}").value
-            row.update(passed=False, reject_reason=reason)
-            reject_rows.append(
-                {
-                    "stage": "caption",
-                    "item_id": row["clip_id"],
-                    "uri": row["uri"],
-                    "reason": reason,
-                    "detail": f"flags {cap['caption_flags']} after {cap['caption_attempts']} attempt(s): "
-                    f"{(cap['caption_raw'] or '')[:200]!r}",
-                }
-            )
+    caption_cols = {f.name for f in CAPTION_FIELDS}
     schema = pa.schema([f for f in clips.schema if f.name not in caption_cols] + CAPTION_FIELDS)
     clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema, replace_table=True)
     clip_writer.write_rows(rows)
@@ -423,10 +543,6 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
         time.monotonic() - start,
         counts={"clips": len(captions), "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
         rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
-        info={
-            "caption_version": version,
-            "caption_model": cfg.model,
-            "caption_prompt_version": prompt.version_id,
-        },
+        info={"caption_version": version, "caption_model": cfg.model, "caption_prompt_version": prompt_version},
         resumed=resumed,
     )

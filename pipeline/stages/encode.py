@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline import faults, manifest
 from pipeline.config import EncodeConfig, RecapConfig
-from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.engine import StageResult, count_by, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, RejectReason, table_of
@@ -128,7 +128,11 @@ def prepare_clip(
 
 def clip_json(row: dict[str, Any]) -> str:
     """The clip's manifest fields as JSON, without its bulk columns (perceptual hashes, CLIP embedding)."""
-    keep = {k: v for k, v in row.items() if k not in ("phashes", "clip_embedding") and not isinstance(v, bytes)}
+    keep = {
+        k: v
+        for k, v in row.items()
+        if k not in ("phashes", "clip_embedding") and not k.startswith("_") and not isinstance(v, bytes)
+    }
     return json.dumps(keep, sort_keys=True)
 
 
@@ -325,7 +329,8 @@ def _vae_spec(cfg: Any) -> dict[str, str | None]:
 
 
 # What a shard writer hands the driver for each block: counts and small records, never latents or captions.
-WRITE_RESULT_KEYS = ("rows", "rejects", "shards", "vae_info")
+# `captions`: in a caption -> encode stream, the caption parts (name -> rows) of the block's clips.
+WRITE_RESULT_KEYS = ("rows", "rejects", "shards", "vae_info", "captions")
 
 
 class ShardWriteActor:
@@ -354,7 +359,13 @@ class ShardWriteActor:
             faults.actor_call("shard-writer")
         rejects: list[dict[str, Any]] = []
         vae_info = None
-        for row in block.to_pylist():
+        captions: dict[str, int] = {}
+        rows = block.to_pylist()
+        for row in rows:
+            if row.get("_caption_part"):
+                captions[row["_caption_part"]] = row["_caption_rows"]
+            if row.get("_skip"):  # rejected by the caption stage of the same stream: its record is all there is
+                continue
             clip = json.loads(row["clip_json"])
             if row["error"]:
                 rejects.append(
@@ -396,10 +407,12 @@ class ShardWriteActor:
                     "width": row["width"],
                 },
             )
-        return {"rows": block.num_rows, "rejects": rejects, "shards": self.writer.take(), "vae_info": vae_info}
+        encoded = sum(1 for row in rows if not row.get("_skip"))
+        shards = self.writer.take()
+        return {"rows": encoded, "rejects": rejects, "shards": shards, "vae_info": vae_info, "captions": captions}
 
     def close(self) -> dict[str, Any]:
-        return {"rows": 0, "rejects": [], "shards": self.writer.close(), "vae_info": None}
+        return {"rows": 0, "rejects": [], "shards": self.writer.close(), "vae_info": None, "captions": {}}
 
 
 def check_write_result(result: dict[str, Any], max_text: int = 1 << 16) -> int:
@@ -522,69 +535,150 @@ def write_from_workers(ds: Any, pool: ShardWriterPool, on_result: Any, max_in_fl
         wait_one()
 
 
-def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards."""
-    import ray
-    import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def encode_pipeline(
+    ds: Any, names: list[str], config: RecapConfig, passthrough: tuple[str, ...] = (), skip: str | None = None
+) -> tuple[Any, list[str]]:
+    """The encode stage's part of a Ray Data pipeline over clip rows: decode/stride/bucket/crop (CPU pool) -> VAE
+    (its pool, GPUs). Rows whose `skip` column is true (rejected upstream) pass untouched."""
+    from pipeline.engine import map_through
 
-    from pipeline.shards import corpus
-    from pipeline.vae.load import fallback_note
+    cfg_dict = config.to_dict()
+    ds, names = map_through(ds, names, EncodePrepStage, config.encode.prep_resources, (cfg_dict,), passthrough, skip)
+    return map_through(ds, names, EncodeModelStage, config.encode.resources, (cfg_dict,), passthrough, skip)
 
-    start = time.monotonic()
-    cfg = config.encode
-    if not manifest.table_exists(output, "clips"):
-        raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
-    fallback = fallback_note(cfg.vae, cfg.vae_fallback)
-    if fallback:
-        log.warning("recap: WARNING: %s", fallback)
-    clips = manifest.read_table(output, "clips")
+
+class EncodeRun:
+    """One run of the encode stage's writing side: the shard writers, the commits of their records, the rejects."""
+
+    def __init__(self, config: RecapConfig, output: str, checkpoint: StageCheckpoint, samples_schema: pa.Schema):
+        from pipeline.vae.load import fallback_note
+
+        self.config = config
+        self.output = output
+        self.checkpoint = checkpoint
+        self.samples_schema = samples_schema
+        self.fallback = fallback_note(config.encode.vae, config.encode.vae_fallback)
+        self.rejects: list[dict[str, Any]] = self._saved_rejects()
+        self.vae_info: dict[str, Any] = {}
+        self.received = 0  # bytes of writer results that reached the driver
+        self.lost = 0  # shard writers that died
+        self.progress: Any = None
+        self.shards = 0  # shards this run committed
+        self.on_captions: Any = None  # a caption -> encode stream commits the caption parts here
+
+    def _rejects_dir(self) -> str:
+        return f"{self.checkpoint.uri}/rejects"
+
+    def _saved_rejects(self) -> list[dict[str, Any]]:
+        """Rejects an earlier pass of this stage saved (a stream's, or an interrupted run's)."""
+        import pyarrow.parquet as pq
+
+        fs, path = manifest._fs(self._rejects_dir())
+        if not fs.exists(path):
+            return []
+        rows: list[dict[str, Any]] = []
+        for entry in sorted(fs.ls(path, detail=False)):
+            if entry.endswith(".parquet") and not entry.rsplit("/", 1)[-1].startswith("."):
+                with fs.open(entry, "rb") as fh:
+                    rows += pq.read_table(fh, schema=REJECTS_SCHEMA).to_pylist()
+        return rows
+
+    def save_rejects(self) -> None:
+        if self.rejects:
+            table = pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA)
+            manifest.remove_unlisted(self._rejects_dir(), set())
+            manifest.write_part(self._rejects_dir(), "rejects.parquet", table)
+
+    def done_ids(self) -> pa.Array:
+        """Clips with a committed sample or an encode reject."""
+        from pipeline.shards import corpus
+
+        rejected = pa.array([r["item_id"] for r in self.rejects], pa.string())
+        return pa.concat_arrays([corpus.committed_keys(self.checkpoint), rejected])
+
+    def _make_writer(self, node_id: str) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return (
+            ray.remote(ShardWriteActor)
+            .options(
+                num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+            )
+            .remote(self.output, self.checkpoint.uri, self.config.to_dict(), self.samples_schema, node_id)
+        )
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        from pipeline.shards import corpus
+
+        self.received += check_write_result(result)
+        if result["vae_info"] and not self.vae_info:
+            self.vae_info.update(json.loads(result["vae_info"]), **_vae_spec(self.config.encode))
+            if self.fallback:
+                self.vae_info["vae_fallback_note"] = self.fallback
+            self.checkpoint.save_meta(self.vae_info)
+        if result["captions"] and self.on_captions is not None:
+            self.on_captions(result["captions"])
+        if result["shards"]:
+            self.checkpoint.commit(corpus.records_table(result["shards"]))
+            self.shards += len(result["shards"])
+        self.rejects.extend(result["rejects"])
+        if self.progress is not None:
+            self.progress.update(result["rows"], rejected=len(result["rejects"]))
+
+    def write(self, ds: Any) -> None:
+        """Hand `ds`'s encoded blocks to shard writers on the nodes that hold them, committing as results come."""
+        import ray
+
+        pool = ShardWriterPool(self._make_writer, self.config.encode.shard_writers_per_node)
+        try:
+            write_from_workers(ds, pool, self._on_result)
+        finally:
+            self.lost += pool.lost
+            for writer in pool.writers:
+                ray.kill(writer.actor)
+            self.save_rejects()
+
+
+def _samples_schema(clips: pa.Table) -> pa.Schema:
+    # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
+    return pa.schema(list(SAMPLES_SCHEMA) + [f for f in clips.schema if f.name.startswith("score_")])
+
+
+def _encodable(clips: pa.Table) -> pa.Table:
+    """The clips the encode stage takes: passing, and captioned when the corpus is."""
     clips = clips.drop_columns([c for c in ("phashes", "clip_embedding") if c in clips.column_names])
     mask = pc.equal(clips.column("passed"), True)
     if "caption" in clips.column_names:
         mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
-    wanted = clips.filter(mask)
+    return clips.filter(mask)
+
+
+def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards."""
+    import ray.data
+
+    from pipeline.shards import corpus
+
+    start = time.monotonic()
+    if not manifest.table_exists(output, "clips"):
+        raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
+    clips = manifest.read_table(output, "clips")
+    wanted = _encodable(clips)
     checkpoint = stage_checkpoint(output, "encode", checkpoint)
     records = corpus.committed_records(checkpoint)
     corpus.remove_orphans(output, checkpoint, set(records.column("shard").to_pylist()))
     resumed_shards = records.num_rows
-    resumed = len(corpus.committed_keys(checkpoint, records))  # samples in shards an interrupted run finished
-    # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
-    samples_schema = pa.schema(list(SAMPLES_SCHEMA) + [f for f in clips.schema if f.name.startswith("score_")])
-    reject_rows: list[dict[str, Any]] = []
-    vae_info: dict[str, Any] = {}
-    received = [0]
-    cfg_dict = config.to_dict()
-    actor_cls = ray.remote(ShardWriteActor)
-
-    def make_writer(node_id: str) -> Any:
-        return actor_cls.options(
-            num_cpus=0,
-            max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(output, checkpoint.uri, cfg_dict, samples_schema, node_id)
-
-    def on_result(result: dict[str, Any]) -> None:
-        received[0] += check_write_result(result)
-        if result["vae_info"] and not vae_info:
-            vae_info.update(json.loads(result["vae_info"]), **_vae_spec(cfg))
-            if fallback:
-                vae_info["vae_fallback_note"] = fallback
-            checkpoint.save_meta(vae_info)
-        if result["shards"]:
-            checkpoint.commit(corpus.records_table(result["shards"]))
-        reject_rows.extend(result["rejects"])
-        progress.update(result["rows"], rejected=len(result["rejects"]))
+    resumed = len(corpus.committed_keys(checkpoint, records))  # samples in shards an earlier pass finished
+    run = EncodeRun(config, output, checkpoint, _samples_schema(clips))
+    if run.fallback:
+        log.warning("recap: WARNING: %s", run.fallback)
 
     def left_to_do() -> pa.Table:
-        done = pa.concat_arrays(
-            [corpus.committed_keys(checkpoint), pa.array([r["item_id"] for r in reject_rows], pa.string())]
-        )
-        return wanted.filter(pc.invert(pc.is_in(wanted.column("clip_id"), done)))
+        return wanted.filter(pc.invert(pc.is_in(wanted.column("clip_id"), run.done_ids())))
 
     todo = left_to_do()
-    progress = stage_progress(config, "encode", todo.num_rows, "clips")
-    lost = 0
+    run.progress = stage_progress(config, "encode", todo.num_rows, "clips")
     # A shard writer that dies takes its unfinished shards with it: their clips are encoded again, at most
     # isolation.infrastructure_retries more times, before the stage gives up (a re-run resumes them).
     for attempt in range(config.isolation.infrastructure_retries + 1):
@@ -593,37 +687,81 @@ def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | N
         if attempt:
             log.warning("recap: encoding %d clip(s) again that lost shard writers took with them", todo.num_rows)
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds = map_stage(ds, EncodePrepStage, cfg.prep_resources, (cfg_dict,))
-        ds = map_stage(ds, EncodeModelStage, cfg.resources, (cfg_dict,))
-        pool = ShardWriterPool(make_writer, cfg.shard_writers_per_node)
-        write_from_workers(ds, pool, on_result)
-        lost += pool.lost
-        for writer in pool.writers:
-            ray.kill(writer.actor)
+        ds, _names = encode_pipeline(ds, todo.column_names, config)
+        run.write(ds)
         todo = left_to_do()
-    progress.close()
+    run.progress.close()
     if todo.num_rows:
         raise RuntimeError(
-            f"encode: {todo.num_rows} clip(s) were lost with {lost} shard writer(s) that died; re-run the same "
+            f"encode: {todo.num_rows} clip(s) were lost with {run.lost} shard writer(s) that died; re-run the same "
             "command to encode them (the committed shards are kept)"
         )
+    return finish_encode(run, wanted.num_rows, resumed, resumed_shards, start)
+
+
+def finish_encode(run: EncodeRun, wanted: int, resumed: int, resumed_shards: int, start: float) -> StageResult:
+    """Remove what no commit vouches for, publish `samples` and `shards`, write the encode rejects."""
+    from pipeline.shards import corpus
+
+    output, checkpoint = run.output, run.checkpoint
     records = corpus.committed_records(checkpoint)
     corpus.remove_orphans(output, checkpoint, set(records.column("shard").to_pylist()))
-    counts = corpus.publish(output, checkpoint, samples_schema)
-    if not vae_info:  # nothing new encoded (all resumed): what the interrupted run recorded
-        vae_info.update(checkpoint.load_meta())
-    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="encode")
+    counts = corpus.publish(output, checkpoint, run.samples_schema)
+    if not run.vae_info:  # nothing new encoded (all resumed): what the interrupted run recorded
+        run.vae_info.update(checkpoint.load_meta())
+    rejects = pa.Table.from_pylist(run.rejects, schema=REJECTS_SCHEMA)
+    manifest.write_table(output, "rejects", rejects, prefix="encode")
     shard_bytes = int(pc.sum(records.column("bytes")).as_py() or 0)
+    writers = {"lost": run.lost, "driver_received_bytes": run.received, "shard_bytes": shard_bytes}
     return StageResult(
         "encode",
         time.monotonic() - start,
-        counts={
-            "clips": wanted.num_rows,
-            **counts,
-            "resumed_shards": resumed_shards,
-            "rejected": len(reject_rows),
-        },
-        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
-        info={**vae_info, "writers": {"lost": lost, "driver_received_bytes": received[0], "shard_bytes": shard_bytes}},
+        counts={"clips": wanted, **counts, "resumed_shards": resumed_shards, "rejected": len(run.rejects)},
+        rejects_by_reason=count_by([r["reason"] for r in run.rejects]),
+        info={**run.vae_info, "writers": writers},
         resumed=resumed,
     )
+
+
+def stream_caption_encode(
+    config: RecapConfig, output: str, caption_checkpoint: StageCheckpoint, encode_checkpoint: StageCheckpoint
+) -> dict[str, int]:
+    """Caption and encode as ONE streaming Ray Data pipeline: clips -> caption decode -> caption model (-> CLIP
+    match) -> encode decode -> VAE -> shard writers, each pool working while the one before it still produces.
+
+    Both stages' checkpoints are filled as the writers' records arrive (caption parts, shards); the stages then
+    finish as usual (`run_caption`, `run_encode` resume, finding (almost) nothing left). Only for fresh
+    checkpoints: a half-done stage resumes stage by stage. Returns how many clips each stage did here."""
+    import ray.data
+
+    from pipeline.stages.caption import RECORD_COLUMNS, caption_pipeline, caption_todo, commit_parts
+
+    clips, todo, _resumed = caption_todo(config, output, caption_checkpoint)
+    done = {"caption": 0, "encode": 0, "shards": 0}
+    if not todo.num_rows:
+        return done
+    todo = todo.drop_columns([c for c in ("phashes",) if c in todo.column_names])
+    if not config.filter.clip.model and "clip_embedding" in todo.column_names:
+        todo = todo.drop_columns(["clip_embedding"])
+    caption_progress = stage_progress(config, "caption", todo.num_rows, "clips")
+    run = EncodeRun(config, output, encode_checkpoint, _samples_schema(clips))
+    run.progress = stage_progress(config, "encode", todo.num_rows, "clips")
+
+    def on_captions(parts: dict[str, int]) -> None:
+        new = {name: rows for name, rows in parts.items() if name not in seen}
+        seen.update(new)
+        commit_parts(caption_checkpoint, new)
+        caption_progress.update(sum(new.values()))
+        done["caption"] += sum(new.values())
+
+    seen: dict[str, int] = {}
+    run.on_captions = on_captions
+    ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
+    ds, names = caption_pipeline(ds, todo.column_names, config, caption_checkpoint.uri)
+    ds, _names = encode_pipeline(ds, names, config, passthrough=RECORD_COLUMNS, skip="_skip")
+    run.write(ds)
+    caption_progress.close()
+    run.progress.close()
+    done["encode"] = run.progress.done
+    done["shards"] = run.shards
+    return done

@@ -149,6 +149,24 @@ def test_driver_killed_at_three_points_then_resumed(baseline, inputs, overrides,
     assert validate_corpus(str(out)) == []
     assert _corpus(out) == _corpus(baseline)
     assert _leftovers(out) == []
+    # The baseline streamed caption -> encode in one pipeline; this corpus finished both stage by stage: the same
+    # clips table (captions, decisions) and, one sample a shard, the same shard files byte for byte.
+    assert _rows(out, "clips", "clip_id") == _rows(baseline, "clips", "clip_id")
+    shards = [{k: v for k, v in s.items() if k != "writer_node"} for s in _rows(out, "shards", "shard")]
+    assert shards == [{k: v for k, v in s.items() if k != "writer_node"} for s in _rows(baseline, "shards", "shard")]
+
+
+def _rows(out: Path, name: str, key: str) -> list[dict]:
+    return sorted(_table(out, name), key=lambda r: r[key])
+
+
+def test_caption_and_encode_streamed_together(baseline):
+    """`recap run` ran caption and encode as one pipeline: both started together, encode before caption ended."""
+    stages = json.loads((baseline / "manifest" / "run.json").read_text())["stages"]
+    caption, encode = stages["caption"], stages["encode"]
+    assert caption["status"] == encode["status"] == "done"
+    assert caption["started_at"] == encode["started_at"] < caption["finished_at"] <= encode["finished_at"]
+    assert caption["counts"]["clips"] > 0 and encode["counts"]["samples"] > 0
 
 
 def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, overrides, tmp_path):
@@ -196,7 +214,7 @@ def test_a_shard_writer_killed_mid_shard_loses_and_doubles_nothing(ray_session, 
     writers = result.info["writers"]
     assert 0 < writers["driver_received_bytes"] < 0.02 * writers["shard_bytes"], writers
     with pytest.raises(TypeError, match="bytes data"):
-        check_write_result({"rows": 1, "rejects": [], "shards": [{"latent": b"x"}], "vae_info": None})
+        check_write_result({"rows": 1, "rejects": [], "shards": [{"latent": b"x"}], "vae_info": None, "captions": {}})
 
 
 def test_changed_config_is_refused_then_forced(baseline, inputs, overrides, tmp_path):
