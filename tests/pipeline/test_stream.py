@@ -7,47 +7,26 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
-from pipeline.config import load_config
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
-from pipeline.runner import run_pipeline
 from pipeline.schema import VIDEOS_SCHEMA
 from pipeline.stream import STREAM_SCHEMA, StreamCommits
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rows(out: Path, name: str, key: tuple[str, ...]) -> list[dict]:
-    table = pads.dataset(str(out / "manifest" / name), format="parquet", ignore_prefixes=[".", "_"]).to_table()
-    return sorted(table.to_pylist(), key=lambda r: tuple(str(r[k]) for k in key))
 
 
 def _stages(out: Path) -> dict:
     return json.loads((out / "manifest" / "run.json").read_text())["stages"]
 
 
-def test_streaming_run_equals_stage_at_a_time(sample_corpora, tmp_path):
-    streamed = sample_corpora["partial"]  # `run_pipeline(stages=[ingest, split, filter])`: the streaming path
-    stages = _stages(streamed)
-    # The three stages started together with the stream; split and filter worked before ingest finished.
+def test_streamed_stages_start_together(sample_corpora):
+    """The `partial` corpus ran `run_pipeline(stages=[ingest, split, filter])`: the streaming path. Its tables equal
+    a run of the stages one at a time: test_resume.py::test_a_killed_actor_loses_no_clip_and_stages_one_at_a_time."""
+    stages = _stages(sample_corpora["partial"])
+    # The three started with the stream; split and filter worked before ingest finished; each finished in order.
     assert stages["ingest"]["started_at"] <= stages["split"]["started_at"] <= stages["filter"]["started_at"]
     assert stages["filter"]["started_at"] < stages["ingest"]["finished_at"] <= stages["split"]["finished_at"]
     assert stages["split"]["finished_at"] <= stages["filter"]["finished_at"]
-
-    one_actor = [f"{s}.resources.concurrency=1" for s in ("ingest", "split", "filter")]  # not in fingerprints
-    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*sample_corpora["overrides"], *one_actor])
-    out = tmp_path / "one-at-a-time"
-    for stage in ("ingest", "split", "filter"):
-        run_pipeline(config, str(out), inputs=sample_corpora["inputs"], stages=[stage])
-    for name, key in (("videos", ("uri",)), ("clips", ("clip_id",)), ("rejects", ("stage", "item_id", "reason"))):
-        assert _rows(out, name, key) == _rows(streamed, name, key), name
-    assert len(_rows(out, "clips", ("clip_id",))) > 2
-    alone = _stages(out)
-    for stage in ("ingest", "split", "filter"):
-        for field in ("counts", "rejects_by_reason", "fingerprint", "status"):
-            assert alone[stage][field] == stages[stage][field], (stage, field)
+    assert all(stages[s]["status"] == "done" for s in ("ingest", "split", "filter"))
 
 
 def _video(uri: str, video_id: str, status: str = "ok", clips: int = 2) -> dict:
