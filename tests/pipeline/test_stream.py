@@ -69,3 +69,31 @@ def test_stream_commits_keep_the_first_copy_and_whole_videos(tmp_path):
     assert sorted(scored.column("clip_id").to_pylist()) == ["A-0", "A-1"]
     assert set(scored.column("uri").to_pylist()) == {"a.mp4"}
     assert progress["split"].done == 1 and progress["filter"].done == 2 and progress["ingest"].done == 4
+
+
+def test_model_stages_score_clip_rows_and_pass_video_rows(tmp_path):
+    """In the stream a filter model stage (here the tiny CLIP) sees clip rows only; a video's row, which carries its
+    ingest and split results to the driver, passes untouched."""
+    import cv2
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.stages.filter import ClipModelStage
+    from pipeline.stream import ClipRowsOnly
+
+    config = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", ["filter.clip.model=recap-tiny:clip"]
+    )
+    rng = np.random.default_rng(0)
+    jpeg = [cv2.imencode(".jpg", rng.integers(0, 255, (64, 96, 3), np.uint8))[1].tobytes() for _ in range(2)]
+    video = _video("a.mp4", "A")
+    clips = [{**_scored("a.mp4", "A", i), "frames_jpeg": jpeg} for i in range(2)]
+    out = ClipRowsOnly(ClipModelStage, config)(pa.Table.from_pylist([video, *clips], schema=STREAM_SCHEMA))
+    assert out.schema == STREAM_SCHEMA
+    rows = {r["clip_id"]: r for r in out.to_pylist()}
+    assert rows[None]["ingest"] == video["ingest"] | {k: None for k in VIDEOS_SCHEMA.names if k not in video["ingest"]}
+    assert rows[None]["split"]["clips_json"] == video["split"]["clips_json"]
+    assert [rows[c]["score_sharpness"] for c in ("A-0", "A-1")] == [1.0, 2.0]  # the scores before it stay
+    for clip_id in ("A-0", "A-1"):
+        assert rows[clip_id]["score_aesthetic"] is not None and len(rows[clip_id]["clip_embedding"]) > 0
+        assert rows[clip_id]["ingest"] is None and rows[clip_id]["split"] is None
