@@ -139,7 +139,7 @@ class ClipRowsOnly:
     def __call__(self, batch: pa.Table) -> pa.Table:
         is_clip = pc.is_valid(batch.column("clip_id"))
         clips = batch.filter(is_clip).drop_columns([INGEST, SPLIT])
-        parts = [batch.filter(pc.invert(is_clip))]
+        parts = [conform(batch.filter(pc.invert(is_clip)), STREAM_SCHEMA)]
         if clips.num_rows:
             parts.append(conform(self.stage(clips), STREAM_SCHEMA))
         return pa.concat_tables(parts)
