@@ -118,13 +118,21 @@ def infrastructure_failure(exc: BaseException) -> DecoderUnavailable | None:
 
 
 def map_stage(
-    ds: Any, stage_cls: type, resources: Resources, constructor_args: tuple, runtime_env: dict | None = None
+    ds: Any,
+    stage_cls: type,
+    resources: Resources,
+    constructor_args: tuple,
+    runtime_env: dict | None = None,
+    columns: tuple[str, ...] | None = None,
 ) -> Any:
+    """`stage_cls` as an actor pool over `ds`. `columns`: what the stage before declares it outputs, so the check
+    of the stage's input columns needs no execution (`ds.schema()` of a mapped dataset runs its first block)."""
     import ray.data
 
-    missing = [c for c in stage_cls.input_columns if c not in ds.schema().names]
+    names = list(columns) if columns is not None else ds.schema().names
+    missing = [c for c in stage_cls.input_columns if c not in names]
     if missing:
-        raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {ds.schema().names}")
+        raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {names}")
     return ds.map_batches(
         stage_cls,
         fn_constructor_args=constructor_args,
@@ -240,7 +248,18 @@ def count_by(values: list[str | None]) -> dict[str, int]:
     return counts
 
 
-def stage_progress(config: RecapConfig, stage: str, total: int, unit: str, rate: str | None = None) -> StageProgress:
+def stage_progress(
+    config: RecapConfig,
+    stage: str,
+    total: int,
+    unit: str,
+    rate: str | None = None,
+    progress: StageProgress | None = None,
+) -> StageProgress:
+    """A new progress line for `stage`, or `progress` (a streaming run's, already counting) grown by `total`."""
+    if progress is not None:
+        progress.grow(total)
+        return progress
     return StageProgress(
         stage, total, unit, mode=config.ray.progress, log_interval_s=config.ray.log_interval_s, rate_counter=rate
     )

@@ -65,6 +65,13 @@ class StageProgress:
                 self._last_log = now
                 self._write(self.line())
 
+    def grow(self, items: int) -> None:
+        """More items than the total said (a streaming stage learns its total as the stage before produces)."""
+        self.total += items
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""

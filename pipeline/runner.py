@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 from pipeline import manifest
 from pipeline.config import RecapConfig
-from pipeline.engine import RaySession, StageResult, infrastructure_failure
+from pipeline.engine import RaySession, StageResult, infrastructure_failure, stage_progress
 from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.lease import WriterLease
+from pipeline.progress import StageProgress
 from pipeline.resume import (
     UPSTREAM,
     RunState,
@@ -33,6 +35,7 @@ from pipeline.stages.encode import run_encode, stream_caption_encode
 from pipeline.stages.filter import run_filter
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.split import run_split
+from pipeline.stream import STREAMED, stream_first_stages
 
 log = logging.getLogger("recap")
 
@@ -157,110 +160,188 @@ def run_pipeline(
             plan.append((stage, settings))
         results: list[StageResult] = []
         cfg_dict = config.to_dict()
-        streamed: dict[str, tuple[str, dict[str, Any]]] = {}  # stage -> (started_at, work done in a stream)
+
+        def begin(stage: str, settings: dict[str, Any]) -> tuple[str, StageCheckpoint, list[str] | None] | None:
+            """Decide the stage again (an earlier stage of this command changed run.json); None when it is skipped
+            (its result appended), else its fingerprint and checkpoint, and the stage marked running."""
+            held.check()  # a writer judged dead (its lease taken over) stops before it writes more
+            fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
+            action = state.decide(stage, fp, settings, force, uris)
+            repaired = None
+            if action == "skip":
+                previous = state.stages()[stage]
+                gone = missing_outputs(output, stage)
+                if not gone:
+                    results.append(
+                        StageResult(
+                            stage,
+                            0.0,
+                            counts=previous.get("counts", {}),
+                            rejects_by_reason=previous.get("rejects_by_reason", {}),
+                            skipped=True,
+                        )
+                    )
+                    return None
+                log.warning(
+                    "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
+                )
+                action, repaired = (
+                    ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
+                )
+            if action == "run":
+                state.mark_stale_after(stage, cfg_dict)
+            checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
+            if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
+                seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
+            state.start(stage, fp, settings, cfg_dict)
+            return fp, checkpoint, repaired
+
+        def finish(
+            stage: str,
+            settings: dict[str, Any],
+            begun: tuple[str, StageCheckpoint, list[str] | None],
+            result: StageResult,
+        ) -> None:
+            fp, checkpoint, repaired = begun
+            info = {
+                "seconds": result.seconds,
+                "counts": result.counts,
+                "rejects_by_reason": result.rejects_by_reason,
+                **result.info,
+            }
+            if repaired:
+                info["repaired"] = repaired
+            held.check()
+            state.finish(stage, fp, settings, cfg_dict, info)
+            checkpoint.clear()
+            results.append(result)
+
         with RaySession(config, address):
+            if not dry_run and config.ray.streaming and _streams(state, plan, uris, force):
+                _run_streamed(config, output, inputs, uris or [], skipped, plan[:3], begin, finish)
+                plan = plan[3:]
+            handled: set[str] = set()  # stages a caption -> encode stream already finished (or skipped)
             for stage, settings in plan:
                 if dry_run and stage == "filter":
                     results.append(run_filter(config, output, dry_run=True))
                     continue
-                held.check()  # a writer judged dead (its lease taken over) stops before it writes more
-                fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
-                action = state.decide(stage, fp, settings, force, uris)
-                repaired = None
-                if action == "skip":
-                    previous = state.stages()[stage]
-                    gone = missing_outputs(output, stage)
-                    if not gone:
-                        results.append(
-                            StageResult(
-                                stage,
-                                0.0,
-                                counts=previous.get("counts", {}),
-                                rejects_by_reason=previous.get("rejects_by_reason", {}),
-                                skipped=True,
-                            )
-                        )
+                if stage in handled:
+                    continue
+                begun = begin(stage, settings)
+                if begun is None:
+                    continue
+                later = dict(plan)
+                if stage == "caption" and "encode" in later and config.ray.streaming and not begun[1].parts():
+                    handled |= _run_caption_encode(
+                        config, output, state, settings, begun, later["encode"], begin, finish
+                    )
+                    if "caption" in handled:
                         continue
-                    log.warning(
-                        "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
-                    )
-                    action, repaired = (
-                        ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
-                    )
-                if action == "run":
-                    state.mark_stale_after(stage, cfg_dict)
-                checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
-                if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
-                    seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
-                if stage == "caption" and "encode" in chosen and config.ray.streaming:
-                    streamed.update(_stream_caption_encode(config, output, state, action, fp, checkpoint, force, held))
-                started_at, done_here = streamed.get(stage, (None, {}))
-                state.start(stage, fp, settings, cfg_dict, started_at)
-                try:
-                    result = _run_stage(stage, config, output, inputs, uris, checkpoint, skipped)
-                except Exception as exc:
-                    failure = infrastructure_failure(exc)
-                    if failure is None:
-                        raise
-                    raise DecoderUnavailable(
-                        f"the {stage} stage stopped: {failure} -- no video was rejected for it; fix the worker "
-                        "(install, runtime env, memory) and re-run the same command to resume"
-                    ) from None
-                if done_here:  # the stream before this call did that work in this command: not "resumed"
-                    result.resumed = max(0, result.resumed - done_here.get("items", 0))
-                    if "resumed_shards" in result.counts:
-                        result.counts["resumed_shards"] -= done_here.get("shards", 0)
-                    result.seconds += done_here.get("seconds", 0.0)
-                info = {
-                    "seconds": result.seconds,
-                    "counts": result.counts,
-                    "rejects_by_reason": result.rejects_by_reason,
-                    **result.info,
-                }
-                if repaired:
-                    info["repaired"] = repaired
-                held.check()
-                state.finish(stage, fp, settings, cfg_dict, info)
-                checkpoint.clear()
-                results.append(result)
+                with _infrastructure_stops(stage):
+                    result = _run_stage(stage, config, output, inputs, uris, begun[1], skipped)
+                finish(stage, settings, begun, result)
         return results
 
 
-def _stream_caption_encode(
+@contextlib.contextmanager
+def _infrastructure_stops(what: str) -> Any:
+    """A broken worker (DecoderUnavailable in a stage actor, which Ray reports as text) stops the run, one line."""
+    try:
+        yield
+    except Exception as exc:
+        failure = infrastructure_failure(exc)
+        if failure is None:
+            raise
+        raise DecoderUnavailable(
+            f"the {what} stage stopped: {failure} -- no video was rejected for it; fix the worker "
+            "(install, runtime env, memory) and re-run the same command to resume"
+        ) from None
+
+
+def _streams(state: RunState, plan: list[tuple[str, dict[str, Any]]], uris: list[str] | None, force: bool) -> bool:
+    """Whether `recap run` streams ingest, split and filter scoring together: all three are chosen and none was
+    finished earlier (a finished ingest leaves split and filter to run, resumed, one at a time)."""
+    if [stage for stage, _ in plan[:3]] != list(STREAMED):
+        return False
+    upstream = None
+    for stage, settings in plan[:3]:
+        fp = fingerprint(settings, upstream, uris if stage == "ingest" else None)
+        action = state.decide(stage, fp, settings, force, uris)
+        if action == "skip":
+            return False
+        if action == "run":
+            return True  # the stages after a re-run one re-run too
+        upstream = fp
+    return True
+
+
+def _run_streamed(
+    config: RecapConfig,
+    output: str,
+    inputs: list[str] | None,
+    uris: list[str],
+    skipped: dict[str, int],
+    plan: list[tuple[str, dict[str, Any]]],
+    begin: Any,
+    finish: Any,
+) -> None:
+    """Ingest, split and filter scoring as one stream (pipeline.stream), then each stage finishes as it does alone,
+    in order: ingest writes `videos`, split `clips`, filter dedupes, decides and writes. run.json gets each stage's
+    start (the stream's) and its own finish."""
+    start = time.monotonic()
+    begun = {}
+    for stage, settings in plan:
+        b = begin(stage, settings)
+        assert b is not None, f"{stage} was to run, not be skipped"
+        begun[stage] = b
+    checkpoints = {stage: b[1] for stage, b in begun.items()}
+    units = {"ingest": ("files", None), "split": ("videos", "frames"), "filter": ("clips", None)}
+    progress = {s: stage_progress(config, s, 0, unit, rate=rate) for s, (unit, rate) in units.items()}
+    with _infrastructure_stops("ingest/split/filter"):
+        before = stream_first_stages(config, output, uris, checkpoints, progress)
+    for stage, settings in plan:
+        with _infrastructure_stops(stage):
+            result = _run_stage(stage, config, output, inputs, uris, checkpoints[stage], skipped, progress[stage])
+        result.seconds = time.monotonic() - start  # from the stream's start: the stages overlap
+        result.resumed = before[stage]
+        finish(stage, settings, begun[stage], result)
+
+
+def _run_caption_encode(
     config: RecapConfig,
     output: str,
     state: RunState,
-    action: str,
-    caption_fp: str,
-    caption_checkpoint: StageCheckpoint,
-    force: bool,
-    held: Any,
-) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Run caption and encode as one streaming pipeline when both start fresh (nothing committed in either);
-    the stages then finish as usual. Returns what the stream did per stage, for their run.json records."""
-    import time
-
-    if action == "skip" or caption_checkpoint.parts():
-        return {}
-    settings = stage_settings(config, "encode")
-    fp = fingerprint(settings, caption_fp)
-    if action != "run" and state.decide("encode", fp, settings, force) == "skip":
-        return {}
-    if action == "run":
-        state.mark_stale_after("caption", config.to_dict())
-    encode_checkpoint = StageCheckpoint(output, "encode", fp, guard=getattr(held, "check", None))
-    if encode_checkpoint.parts():
-        return {}
-    cfg_dict = config.to_dict()
-    started_at = state.start("caption", caption_fp, stage_settings(config, "caption"), cfg_dict)
-    state.start("encode", fp, settings, cfg_dict, started_at)
+    caption_settings: dict[str, Any],
+    caption_begun: tuple[str, StageCheckpoint, list[str] | None],
+    encode_settings: dict[str, Any],
+    begin: Any,
+    finish: Any,
+) -> set[str]:
+    """Caption and encode as one stream (`stream_caption_encode`) when both start fresh, then each finishes as it
+    does alone (finding nothing left but what a lost worker took). Returns the stages it finished or found
+    skipped; an encode with committed work leaves both to run one at a time."""
     start = time.monotonic()
-    done = stream_caption_encode(config, output, caption_checkpoint, encode_checkpoint)
-    seconds = time.monotonic() - start
-    return {
-        "caption": (started_at, {"items": done["caption"], "seconds": seconds}),
-        "encode": (started_at, {"items": done["encode"], "shards": done["shards"], "seconds": seconds}),
-    }
+    encode_begun = begin("encode", encode_settings)
+    if encode_begun is None:
+        return {"encode"}  # done earlier with these settings (begin recorded it): caption runs alone
+    if encode_begun[1].parts():
+        return set()
+    started_at = state.stages()["caption"]["started_at"]
+    state.start("encode", encode_begun[0], encode_settings, config.to_dict(), started_at)
+    with _infrastructure_stops("caption/encode"):
+        stream_caption_encode(config, output, caption_begun[1], encode_begun[1])
+    for stage, settings, begun in (
+        ("caption", caption_settings, caption_begun),
+        ("encode", encode_settings, encode_begun),
+    ):
+        with _infrastructure_stops(stage):
+            result = _run_stage(stage, config, output, None, None, begun[1])
+        result.seconds = time.monotonic() - start  # from the stream's start: the stages overlap
+        result.resumed = 0  # both started fresh: everything was done in this command
+        if "resumed_shards" in result.counts:
+            result.counts["resumed_shards"] = 0
+        finish(stage, settings, begun, result)
+    return {"caption", "encode"}
 
 
 def _run_stage(
@@ -271,13 +352,15 @@ def _run_stage(
     uris: list[str] | None,
     checkpoint: StageCheckpoint,
     skipped: dict[str, int] | None = None,
+    progress: StageProgress | None = None,
 ) -> StageResult:
     if stage == "ingest":
-        return run_ingest(config, list(inputs or []), output, uris, checkpoint=checkpoint, skipped=skipped)
+        inputs = list(inputs or [])
+        return run_ingest(config, inputs, output, uris, checkpoint=checkpoint, skipped=skipped, progress=progress)
     if stage == "split":
-        return run_split(config, output, checkpoint=checkpoint)
+        return run_split(config, output, checkpoint=checkpoint, progress=progress)
     if stage == "filter":
-        return run_filter(config, output, checkpoint=checkpoint)
+        return run_filter(config, output, checkpoint=checkpoint, progress=progress)
     if stage == "caption":
         return run_caption(config, output, checkpoint=checkpoint)
     return run_encode(config, output, checkpoint=checkpoint)

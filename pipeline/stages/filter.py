@@ -28,6 +28,7 @@ from pipeline import manifest
 from pipeline.config import FilterConfig, RecapConfig
 from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
+from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import (
     CLIPS_SCHEMA,
@@ -439,7 +440,9 @@ def _videos_with_clips(output: str) -> pa.Table:
     )
 
 
-def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> dict[str, int]:
+def score_clips(
+    config: RecapConfig, output: str, checkpoint: StageCheckpoint, progress: StageProgress | None = None
+) -> dict[str, int]:
     """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
     import ray.data
 
@@ -448,7 +451,7 @@ def score_clips(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -
     done = checkpoint.done("video_id")
     todo = videos.filter(pc.invert(pc.is_in(videos.column("video_id"), pa.array(sorted(done), pa.string()))))
     total_clips = sum(todo.column("num_clips").to_pylist())
-    progress = stage_progress(config, "filter", total_clips, "clips")
+    progress = stage_progress(config, "filter", total_clips, "clips", progress=progress)
     # Ray may cut blocks anywhere between the two map stages: a video is committed once all its clips arrived.
     partial: dict[str, list[pa.Table]] = {}
     ready: list[pa.Table] = []
@@ -639,9 +642,14 @@ def filter_counts(scored: list[dict[str, Any]], config: RecapConfig, dropped: di
 
 
 def run_filter(
-    config: RecapConfig, output: str, dry_run: bool = False, checkpoint: StageCheckpoint | None = None
+    config: RecapConfig,
+    output: str,
+    dry_run: bool = False,
+    checkpoint: StageCheckpoint | None = None,
+    progress: StageProgress | None = None,
 ) -> StageResult:
-    """Score clips, dedupe across the corpus, decide; write `clips` with scores and filter rejects."""
+    """Score clips, dedupe across the corpus, decide; write `clips` with scores and filter rejects. `progress`: a
+    streaming run's line for this stage (what it committed is in `checkpoint`: only the rest is scored here)."""
     start = time.monotonic()
     if not manifest.table_exists(output, "clips"):
         raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
@@ -658,7 +666,7 @@ def run_filter(
             # Already scored: re-decide from the stored scores in seconds, nothing decoded.
             scored_paths = manifest.table_files(output, "clips")
         else:
-            resumed = score_clips(config, output, checkpoint)["resumed_videos"]
+            resumed = score_clips(config, output, checkpoint, progress)["resumed_videos"]
             scored_paths = checkpoint.parts()
         dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
         if dry_run:

@@ -15,6 +15,7 @@ from pipeline import manifest
 from pipeline.config import RecapConfig
 from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
 from pipeline.io.sources import discover_inputs
+from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import VIDEOS_SCHEMA, RejectReason, VideoStatus, video_id_from_sha256
 from pipeline.stages.common import IsolatedStage
@@ -86,9 +87,11 @@ def run_ingest(
     uris: list[str] | None = None,
     checkpoint: StageCheckpoint | None = None,
     skipped: dict[str, int] | None = None,
+    progress: StageProgress | None = None,
 ) -> StageResult:
     """Find input files, hash and probe each on Ray, write the `videos` table and ingest rejects. `skipped`: files
-    the extension filter left out, by reason (found here when `uris` is not given)."""
+    the extension filter left out, by reason (found here when `uris` is not given). `progress`: a streaming run's
+    line for this stage (what it committed is in `checkpoint`: only the rest is probed here)."""
     import ray.data
 
     start = time.monotonic()
@@ -99,7 +102,7 @@ def run_ingest(
     checkpoint = stage_checkpoint(output, "ingest", checkpoint)
     done = checkpoint.done("uri")
     todo = [u for u in uris if u not in done]
-    progress = stage_progress(config, "ingest", len(todo), "files")
+    progress = stage_progress(config, "ingest", len(todo), "files", progress=progress)
     if todo:
         ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=min(len(todo), 1000))
         ds = map_stage(ds, IngestStage, config.ingest.resources, (config.to_dict(),))

@@ -22,6 +22,7 @@ from pipeline import manifest
 from pipeline.config import RecapConfig, SplitConfig
 from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
+from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.scenes.detectors import Scene, build_detector
 from pipeline.schema import (
@@ -267,8 +268,14 @@ def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Detect scenes in every ok video on Ray; write `clips`, split rejects, and update `videos`."""
+def run_split(
+    config: RecapConfig,
+    output: str,
+    checkpoint: StageCheckpoint | None = None,
+    progress: StageProgress | None = None,
+) -> StageResult:
+    """Detect scenes in every ok video on Ray; write `clips`, split rejects, and update `videos`. `progress`: a
+    streaming run's line for this stage (what it committed is in `checkpoint`: only the rest is split here)."""
     import ray.data
 
     start = time.monotonic()
@@ -285,7 +292,7 @@ def run_split(config: RecapConfig, output: str, checkpoint: StageCheckpoint | No
     resumed = len(done)
     if done:
         todo = todo.filter(pc.invert(pc.is_in(todo.column("video_id"), pa.array(sorted(done), pa.string()))))
-    progress = stage_progress(config, "split", todo.num_rows, "videos", rate="frames")
+    progress = stage_progress(config, "split", todo.num_rows, "videos", rate="frames", progress=progress)
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
         ds = map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir))

@@ -27,6 +27,7 @@ from pipeline.errors import DecoderUnavailable
 
 _BEAT = struct.Struct("d")
 _heartbeat_map: mmap.mmap | None = None
+_parent_pid: int | None = None  # the worker that started this child (child side)
 # The directory that holds the `pipeline` package: the child imports the same code as its parent.
 _CODE_ROOT = str(Path(__file__).resolve().parents[2])
 # Signals that mean the decoder itself failed on the file it was reading.
@@ -37,11 +38,16 @@ def heartbeat() -> None:
     """Called by job code in the child whenever it makes progress (cheap; safe outside a child)."""
     if _heartbeat_map is not None:
         _BEAT.pack_into(_heartbeat_map, 0, time.monotonic())
+        if os.getppid() != _parent_pid:
+            # Its worker died (a killed run, a killed actor): nobody reads the result, so stop mid-file rather than
+            # decode on as an orphan until the job ends.
+            os._exit(1)
 
 
 def attach_heartbeat(path: str) -> None:
     """Child side: make heartbeat() write to the parent's heartbeat file."""
-    global _heartbeat_map
+    global _heartbeat_map, _parent_pid
+    _parent_pid = os.getppid()
     with open(path, "r+b") as fh:
         _heartbeat_map = mmap.mmap(fh.fileno(), _BEAT.size)
 

@@ -169,19 +169,32 @@ def test_caption_and_encode_streamed_together(baseline):
     assert caption["counts"]["clips"] > 0 and encode["counts"]["samples"] > 0
 
 
-def test_a_killed_actor_loses_no_clip(ray_session, baseline, inputs, overrides, tmp_path):
+def _sorted_rows(out: Path, name: str, key: tuple[str, ...]) -> list[dict]:
+    return sorted(_table(out, name), key=lambda r: tuple(str(r[k]) for k in key))
+
+
+def test_a_killed_actor_loses_no_clip_and_stages_one_at_a_time_equal_the_stream(
+    ray_session, sample_corpora, inputs, overrides, tmp_path
+):
+    """A split actor killed mid-run loses no clip; and ingest, split and filter run one at a time (here) make the
+    same tables and counts as `recap run` streaming them together (the `partial` corpus)."""
     faults = Path(os.environ["RECAP_FAULTS_DIR"])  # set by conftest before Ray started
     (faults / "kill-once-split").write_text("")
     out = tmp_path / "actor"
-    run_pipeline(
-        load_config(PROJECT_ROOT / "configs" / "smoke.yaml", overrides),
-        str(out),
-        inputs=inputs,
-        stages=["ingest", "split"],
-    )
+    one_actor = [f"{s}.resources.concurrency=1" for s in ("ingest", "split", "filter")]  # not in fingerprints
+    config = load_config(PROJECT_ROOT / "configs" / "smoke.yaml", [*overrides, *one_actor])
+    run_pipeline(config, str(out), inputs=inputs, stages=["ingest", "split"])  # one after the other
     assert list(faults.glob("killed-split-*")), "no split actor was killed"
-    clips = sorted(c["clip_id"] for c in _table(out, "clips"))
-    assert clips == sorted(c["clip_id"] for c in _table(baseline, "clips"))
+    run_pipeline(config, str(out), stages=["filter"])
+    streamed = sample_corpora["partial"]
+    for name, key in (("videos", ("uri",)), ("clips", ("clip_id",)), ("rejects", ("stage", "item_id", "reason"))):
+        assert _sorted_rows(out, name, key) == _sorted_rows(streamed, name, key), name
+    assert len(_table(out, "clips")) > 2
+    alone = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+    together = json.loads((streamed / "manifest" / "run.json").read_text())["stages"]
+    for stage in ("ingest", "split", "filter"):
+        for field in ("counts", "rejects_by_reason", "fingerprint", "status"):
+            assert alone[stage][field] == together[stage][field], (stage, field)
 
 
 def test_a_shard_writer_killed_mid_shard_loses_and_doubles_nothing(ray_session, baseline, overrides, tmp_path):

@@ -1,0 +1,99 @@
+"""`recap run` streams ingest, split and filter scoring: the same corpus as running them one at a time, and the
+driver's commits keep whole videos, in stage order, and only the copy of a duplicate file that ingest keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.progress import StageProgress
+from pipeline.resume import StageCheckpoint
+from pipeline.schema import VIDEOS_SCHEMA
+from pipeline.stream import STREAM_SCHEMA, StreamCommits
+
+
+def _stages(out: Path) -> dict:
+    return json.loads((out / "manifest" / "run.json").read_text())["stages"]
+
+
+def test_streamed_stages_start_together(sample_corpora):
+    """The `partial` corpus ran `run_pipeline(stages=[ingest, split, filter])`: the streaming path. Its tables equal
+    a run of the stages one at a time: test_resume.py::test_a_killed_actor_loses_no_clip_and_stages_one_at_a_time."""
+    stages = _stages(sample_corpora["partial"])
+    # The three started with the stream; split and filter worked before ingest finished; each finished in order.
+    assert stages["ingest"]["started_at"] <= stages["split"]["started_at"] <= stages["filter"]["started_at"]
+    assert stages["filter"]["started_at"] < stages["ingest"]["finished_at"] <= stages["split"]["finished_at"]
+    assert stages["split"]["finished_at"] <= stages["filter"]["finished_at"]
+    assert all(stages[s]["status"] == "done" for s in ("ingest", "split", "filter"))
+
+
+def _video(uri: str, video_id: str, status: str = "ok", clips: int = 2) -> dict:
+    ingest = {"video_id": video_id, "uri": uri, "status": status, "num_frames": 48, "num_frames_exact": False}
+    clip_rows = [
+        {"clip_id": f"{video_id}-{i}", "video_id": video_id, "uri": uri, "start_frame": i, "end_frame": i + 1}
+        | {"passed": True}
+        for i in range(clips)
+    ]
+    split = {"video_id": video_id, "uri": uri, "status": "ok", "num_frames": 48, "clips_json": json.dumps(clip_rows)}
+    return {"video_id": video_id, "uri": uri, "ingest": ingest, "split": split if status == "ok" else None}
+
+
+def _scored(uri: str, video_id: str, index: int) -> dict:
+    return {"clip_id": f"{video_id}-{index}", "video_id": video_id, "uri": uri, "score_sharpness": 1.0 + index}
+
+
+def test_stream_commits_keep_the_first_copy_and_whole_videos(tmp_path):
+    out = str(tmp_path)
+    checkpoints = {s: StageCheckpoint(out, s, "fp") for s in ("ingest", "split", "filter")}
+    # An interrupted run had probed d.mp4 (video D): e.mp4, the same bytes, is not split again.
+    checkpoints["ingest"].commit(pa.Table.from_pylist([_video("d.mp4", "D")["ingest"]], schema=VIDEOS_SCHEMA))
+    progress = {s: StageProgress(s, 0, mode="off") for s in ("ingest", "split", "filter")}
+    commits = StreamCommits(checkpoints, progress)
+
+    def batch(rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
+
+    # a.mp4 and its copy b.mp4 were both split and scored; c.mp4 was rejected by ingest.
+    first = [_video("a.mp4", "A"), _video("b.mp4", "A"), _video("c.mp4", "C", status="rejected")]
+    first += [_video("e.mp4", "D"), _scored("a.mp4", "A", 0), _scored("b.mp4", "A", 0), _scored("b.mp4", "A", 1)]
+    commits.commit(batch(first))
+    assert sorted(checkpoints["ingest"].done("uri")) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4"]
+    assert checkpoints["split"].read().column("uri").to_pylist() == ["a.mp4"]
+    commits.flush()
+    assert checkpoints["filter"].read() is None  # a.mp4 has one of its two clips: not committed yet
+    commits.commit(batch([_scored("a.mp4", "A", 1)]))
+    commits.flush()
+    scored = checkpoints["filter"].read()
+    assert sorted(scored.column("clip_id").to_pylist()) == ["A-0", "A-1"]
+    assert set(scored.column("uri").to_pylist()) == {"a.mp4"}
+    assert progress["split"].done == 1 and progress["filter"].done == 2 and progress["ingest"].done == 4
+
+
+def test_model_stages_score_clip_rows_and_pass_video_rows(tmp_path):
+    """In the stream a filter model stage (here the tiny CLIP) sees clip rows only; a video's row, which carries its
+    ingest and split results to the driver, passes untouched."""
+    import cv2
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.stages.filter import ClipModelStage
+    from pipeline.stream import ClipRowsOnly
+
+    config = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml", ["filter.clip.model=recap-tiny:clip"]
+    )
+    rng = np.random.default_rng(0)
+    jpeg = [cv2.imencode(".jpg", rng.integers(0, 255, (64, 96, 3), np.uint8))[1].tobytes() for _ in range(2)]
+    video = _video("a.mp4", "A")
+    clips = [{**_scored("a.mp4", "A", i), "frames_jpeg": jpeg} for i in range(2)]
+    out = ClipRowsOnly(ClipModelStage, config)(pa.Table.from_pylist([video, *clips], schema=STREAM_SCHEMA))
+    assert out.schema == STREAM_SCHEMA
+    rows = {r["clip_id"]: r for r in out.to_pylist()}
+    assert rows[None]["ingest"] == video["ingest"] | {k: None for k in VIDEOS_SCHEMA.names if k not in video["ingest"]}
+    assert rows[None]["split"]["clips_json"] == video["split"]["clips_json"]
+    assert [rows[c]["score_sharpness"] for c in ("A-0", "A-1")] == [1.0, 2.0]  # the scores before it stay
+    for clip_id in ("A-0", "A-1"):
+        assert rows[clip_id]["score_aesthetic"] is not None and len(rows[clip_id]["clip_embedding"]) > 0
+        assert rows[clip_id]["ingest"] is None and rows[clip_id]["split"] is None
