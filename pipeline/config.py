@@ -418,6 +418,12 @@ class EncodeConfig(_Section):
     )
     target_fps: float | None = Field(None, gt=0, description="sample frames at about this rate; null: every frame")
     frames_per_batch: int = Field(16, ge=1, description="frames per forward pass of an image VAE")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads of each VAE actor on CPU; 0: its resources.num_cpus rounded up (Ray itself "
+        "gives an actor num_cpus rounded down, so 1.5 CPUs would run one thread)",
+    )
     vae_tiling: bool | None = Field(
         None, description="a diffusers VAE's tiled encode (less memory on large frames); null: on from 1280x720 up"
     )

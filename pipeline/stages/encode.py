@@ -146,7 +146,7 @@ class EncodePrepStage(IsolatedStage):
     output_schema = PREP_SCHEMA
 
     def __init__(self, config: RecapConfig | dict[str, Any]):
-        from pipeline.vae.load import vae_geometry
+        from pipeline.vae.spec import vae_geometry  # no torch in the prep actors
 
         super().__init__(config)
         self._cfg = self.config.encode.model_dump(mode="json")
@@ -176,6 +176,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def cpu_threads(cfg: EncodeConfig) -> int:
+    """Torch threads of a VAE actor on CPU: `encode.threads`, else its pool's num_cpus rounded up (Ray's own
+    OMP_NUM_THREADS rounds down, which leaves a 1.5-CPU actor one thread)."""
+    return cfg.threads or max(1, math.ceil(cfg.resources.num_cpus))
+
+
 class EncodeModelStage:
     """VAE actors: prepared frames -> normalised latents (C, T', h, w) in the storage dtype, under inference_mode.
 
@@ -193,6 +199,10 @@ class EncodeModelStage:
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
         self.cfg = cfg.encode
         self.device = pick_device(self.cfg.device)
+        if self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(cpu_threads(self.cfg))
         self.vae = vae_from_config(self.cfg, self.device)
         self.store_logvar = self.cfg.store_logvar and self.vae.has_posterior
         self.text = None

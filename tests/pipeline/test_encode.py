@@ -256,3 +256,69 @@ def test_decord_falls_back_to_pyav_where_it_cannot_read(tmp_path, videos_dir):
     assert read_frames_decord(str(not_video), [0]) is None
     assert read_frames_decord("s3://bucket/clip.mp4", [0]) is None  # remote: PyAV's fsspec reader
     assert read_frames_decord(str(videos_dir / "h265_video.mp4"), [0, 10_000]) is None  # past decord's frames
+
+
+def test_decord_reader_kept_open_reads_the_same_frames(tmp_path, videos_dir):
+    """The child keeps the last file's decord reader open: clips read forward, backward, and a file replaced in place
+    under the same name give exactly the frames a fresh reader gives."""
+    import shutil
+
+    from pipeline.video import decode
+
+    uri = str(videos_dir / "bottle-detection.mp4")
+    clips = [list(range(start, start + 60, 12)) for start in (0, 119, 238, 357)]
+    fresh = []
+    for positions in clips:
+        decode._DECORD_READER.clear()
+        fresh.append(decode.read_frames_decord(uri, positions))
+    decode._DECORD_READER.clear()
+    for order in (range(4), reversed(range(4))):
+        for i in order:
+            got = decode.read_frames_decord(uri, clips[i])
+            assert sorted(got) == clips[i] and all(np.array_equal(got[p], fresh[i][p]) for p in clips[i]), i
+    path = tmp_path / "clip.mp4"
+    shutil.copy(videos_dir / "delayed_start.mp4", path)
+    assert decode.read_frames_decord(str(path), [0, 5])[0].shape == (320, 480, 3)
+    shutil.copy(uri, path)
+    assert np.array_equal(decode.read_frames_decord(str(path), [0, 5])[0], fresh[0][0])
+
+
+def test_vae_actor_threads_follow_its_cpus():
+    """A VAE actor on CPU runs encode.threads torch threads, else its num_cpus rounded up (Ray would round down)."""
+    from pipeline.config import RecapConfig
+    from pipeline.stages.encode import EncodeModelStage, cpu_threads
+
+    assert cpu_threads(EncodeConfig(resources={"num_cpus": 1.5})) == 2
+    assert cpu_threads(EncodeConfig(resources={"num_cpus": 0.5})) == 1
+    assert cpu_threads(EncodeConfig(threads=3, resources={"num_cpus": 1})) == 3
+    before = torch.get_num_threads()
+    try:  # in an actor the stage owns its process; here it must not leave this one changed
+        encode = {"vae": "recap-tiny:taesd", "device": "cpu", "resources": {"num_cpus": 4.5}}
+        EncodeModelStage(RecapConfig.model_validate({"encode": encode}))
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prep_actors_read_the_vae_geometry_without_torch(shared_dir):
+    """The prep actors only decode: reading the VAE's frame grid and spatial factor must not import torch (seconds of
+    start-up per actor, on the path to the first encoded clip)."""
+    import os
+    import subprocess
+    import sys
+
+    vae = str(shared_dir / "data" / "models" / "taef2")
+    code = (
+        "import sys\n"
+        "from pipeline.config import RecapConfig\n"
+        "from pipeline.stages.encode import EncodePrepStage\n"
+        f"stage = EncodePrepStage(RecapConfig.model_validate({{'encode': {{'vae': {vae!r}, 'multiple': 16}}}}))\n"
+        "assert (stage.temporal_factor, stage.multiple) == (1, 16), (stage.temporal_factor, stage.multiple)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

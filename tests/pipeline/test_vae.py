@@ -147,7 +147,9 @@ def test_encode_out_of_memory_is_retried_in_halves_then_rejected_alone():
     from pipeline.config import RecapConfig
     from pipeline.stages.encode import EncodeModelStage, OutOfMemory
 
+    threads = torch.get_num_threads()
     stage = EncodeModelStage(RecapConfig.model_validate({"encode": {"vae": "recap-tiny:taesd", "device": "cpu"}}))
+    torch.set_num_threads(threads)  # the stage sets its actor's threads: leave this process as it was
     real = stage.vae.encode
     limit = {"clips": 2}
 
