@@ -225,6 +225,26 @@ def map_through(
     return ds, post[0].output_names(names) if post else names
 
 
+def pools_fit(pools: dict[str, Resources]) -> str | None:
+    """None when the Ray cluster can hold every pool of a streaming pipeline at once, else why not.
+
+    A stream's actor pools all start together; pools that ask for more CPUs or GPUs than the cluster has can
+    starve an upstream pool of its place while downstream ones wait for its output (a deadlock), so such a
+    pipeline runs one stage at a time instead."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {
+        "CPU": sum(r.num_cpus * r.concurrency for r in pools.values()),
+        "GPU": sum(r.num_gpus * r.concurrency for r in pools.values()),
+    }
+    short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    if not short:
+        return None
+    asked = ", ".join(f"{name} {r.concurrency}x({r.num_cpus:g} CPU, {r.num_gpus:g} GPU)" for name, r in pools.items())
+    return f"its pools ask for {' and '.join(short)}: {asked}"
+
+
 def rejects_from(table: pa.Table, stage: str, id_column: str) -> pa.Table:
     mask = pc.equal(table.column("status"), VideoStatus.REJECTED.value)
     bad = table.filter(mask)

@@ -104,10 +104,43 @@ def _reap(procs: dict[int, Any], grace_s: float = 3.0) -> None:
             proc.kill()
 
 
+def _session_dirs(procs: dict[int, Any]) -> set[str]:
+    """The Ray session directories (`.../session_<date>_<pid>`) the tracked processes name on their command lines."""
+    import re
+
+    import psutil
+
+    found: set[str] = set()
+    for proc in procs.values():
+        try:
+            found.update(re.findall(r"(/\S*?/session_\d{4}-\d\d-\d\d_[0-9_-]+)", " ".join(proc.cmdline())))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _reap_session_strays(sessions: set[str], rounds: int = 3) -> None:
+    """Kill processes of these Ray sessions that no tracked process parents any more: a worker the raylet was
+    still starting when it died is re-parented away before it can be tracked, and starting up it does not notice
+    its raylet is gone. Found by the session directory on their command lines, never by name."""
+    import psutil
+
+    if not sessions:
+        return
+    for _ in range(rounds):
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info.get("cmdline") or [])
+            if any(f"{session}/" in cmdline for session in sessions):
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    proc.kill()
+        time.sleep(0.5)
+
+
 def main(argv: list[str], poll_s: float = 1.0) -> int:
     import select
 
     procs = _tracked(argv)
+    sessions = _session_dirs(procs)  # now, while the raylet and GCS still show it on their command lines
     stdin = sys.stdin.buffer.raw
     message = b""
     while True:  # until the owner says goodbye or dies (end of file on the pipe)
@@ -121,8 +154,12 @@ def main(argv: list[str], poll_s: float = 1.0) -> int:
         message += chunk
         if message.startswith(GOODBYE.strip()):
             return 0
-    time.sleep(0.5)  # let Ray's own fate-sharing go first
+    # Track what is alive now (a decoding child started since the last poll) before Ray's own fate-sharing,
+    # which goes first, kills its parents: an orphan is no longer anyone's descendant.
+    _add_descendants(procs)
+    time.sleep(0.5)
     _reap(procs)
+    _reap_session_strays(sessions)
     return 0
 
 

@@ -31,7 +31,7 @@ from pipeline.resume import (
 )
 from pipeline.schema import RejectReason
 from pipeline.stages.caption import run_caption
-from pipeline.stages.encode import run_encode, stream_caption_encode
+from pipeline.stages.encode import caption_encode_unfit, run_encode, stream_caption_encode
 from pipeline.stages.filter import run_filter
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.split import run_split
@@ -320,6 +320,10 @@ def _run_caption_encode(
     """Caption and encode as one stream (`stream_caption_encode`) when both start fresh, then each finishes as it
     does alone (finding nothing left but what a lost worker took). Returns the stages it finished or found
     skipped; an encode with committed work leaves both to run one at a time."""
+    unfit = caption_encode_unfit(config)
+    if unfit:
+        log.warning("recap: caption and encode run one after the other, not streamed: %s", unfit)
+        return set()
     start = time.monotonic()
     encode_begun = begin("encode", encode_settings)
     if encode_begun is None:

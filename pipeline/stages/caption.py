@@ -358,6 +358,24 @@ class CaptionRecordStage:
         return kept + [n for n in ("score_caption_match", *RECORD_COLUMNS) if n not in kept]
 
 
+def caption_pools(config: RecapConfig, with_match: bool) -> dict[str, Any]:
+    """The caption stage's actor pools and what each asks for (the vLLM backend: one actor per replica)."""
+    cfg = config.caption
+    model = cfg.resources
+    if cfg.backend == "vllm":
+        # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
+        model = cfg.resources.model_copy(
+            update={
+                "concurrency": cfg.vllm.data_parallel_replicas,
+                "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
+            }
+        )
+    pools = {"caption-prep": cfg.preprocess_resources, "caption": model}
+    if with_match:
+        pools["caption-match"] = config.filter.clip.resources
+    return pools
+
+
 def caption_pipeline(ds: Any, names: list[str], config: RecapConfig, work_uri: str) -> tuple[Any, list[str]]:
     """The caption stage's part of a Ray Data pipeline over clip rows: decode (CPU pool) -> model (its pool, GPUs)
     -> CLIP caption match (when the filter's CLIP model is set) -> parts and decisions. The clip columns pass
@@ -367,22 +385,16 @@ def caption_pipeline(ds: Any, names: list[str], config: RecapConfig, work_uri: s
     cfg = config.caption
     cfg_dict = config.to_dict()
     clip_columns = tuple(names)
-    ds, names = map_through(ds, names, CaptionPrepStage, cfg.preprocess_resources, (cfg_dict,), clip_columns)
+    match = bool(config.filter.clip.model and "clip_embedding" in names)
+    pools = caption_pools(config, match)
+    ds, names = map_through(ds, names, CaptionPrepStage, pools["caption-prep"], (cfg_dict,), clip_columns)
     env = None
-    model_resources = cfg.resources
     if cfg.backend == "vllm":
         from captioner.backends.vllm import runtime_env
 
         env = runtime_env(cfg)
-        # One actor per data-parallel replica, each holding tensor_parallel_size GPUs.
-        model_resources = cfg.resources.model_copy(
-            update={
-                "concurrency": cfg.vllm.data_parallel_replicas,
-                "num_gpus": max(cfg.resources.num_gpus, float(cfg.vllm.tensor_parallel_size)),
-            }
-        )
+    model_resources = pools["caption"]
     record = (CaptionRecordStage, (cfg_dict, work_uri))  # runs in the last caption actor: no pool of its own
-    match = bool(config.filter.clip.model and "clip_embedding" in names)
     ds, names = map_through(
         ds,
         names,

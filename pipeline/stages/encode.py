@@ -733,6 +733,16 @@ def finish_encode(run: EncodeRun, wanted: int, resumed: int, resumed_shards: int
     )
 
 
+def caption_encode_unfit(config: RecapConfig) -> str | None:
+    """Why caption -> encode cannot stream on this cluster (its pools do not fit at once), or None."""
+    from pipeline.engine import pools_fit
+    from pipeline.stages.caption import caption_pools
+
+    pools = caption_pools(config, bool(config.filter.clip.model))
+    pools.update({"encode-prep": config.encode.prep_resources, "encode": config.encode.resources})
+    return pools_fit(pools)
+
+
 def stream_caption_encode(
     config: RecapConfig, output: str, caption_checkpoint: StageCheckpoint, encode_checkpoint: StageCheckpoint
 ) -> dict[str, int]:

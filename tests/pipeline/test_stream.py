@@ -97,3 +97,13 @@ def test_model_stages_score_clip_rows_and_pass_video_rows(tmp_path):
     for clip_id in ("A-0", "A-1"):
         assert rows[clip_id]["score_aesthetic"] is not None and len(rows[clip_id]["clip_embedding"]) > 0
         assert rows[clip_id]["ingest"] is None and rows[clip_id]["split"] is None
+
+
+def test_a_stream_whose_pools_do_not_fit_the_cluster_is_refused(ray_session):
+    """Pools that ask for more than the cluster has could starve an upstream pool: such a stream is not run."""
+    from pipeline.config import Resources
+    from pipeline.engine import pools_fit
+
+    assert pools_fit({"a": Resources(num_cpus=0.5, concurrency=2), "b": Resources(num_cpus=1, concurrency=1)}) is None
+    why = pools_fit({"a": Resources(num_cpus=1, concurrency=2), "b": Resources(num_cpus=0.5, num_gpus=1)})
+    assert why is not None and "2.5 CPUs (the cluster has 2)" in why and "1 GPUs (the cluster has 0)" in why
