@@ -118,7 +118,9 @@ def _processes_tagged(tag: str) -> list[str]:
     for proc in psutil.process_iter(["pid", "name"]):
         try:
             if proc.environ().get("RECAP_TEST_RUN_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(f"{proc.pid} {proc.info['name']} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:200]}")
+                found.append(
+                    f"{proc.pid} {proc.info['name']} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:200]}"
+                )
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
