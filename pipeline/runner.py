@@ -35,7 +35,7 @@ from pipeline.stages.encode import caption_encode_unfit, run_encode, stream_capt
 from pipeline.stages.filter import run_filter
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.split import run_split
-from pipeline.stream import STREAMED, stream_first_stages
+from pipeline.stream import STREAMED, first_stream_unfit, stream_first_stages
 
 log = logging.getLogger("recap")
 
@@ -217,7 +217,7 @@ def run_pipeline(
             results.append(result)
 
         with RaySession(config, address):
-            if not dry_run and config.ray.streaming and _streams(state, plan, uris, force):
+            if not dry_run and config.ray.streaming and _streams(config, state, plan, uris, force):
                 _run_streamed(config, output, inputs, uris or [], skipped, plan[:3], begin, finish)
                 plan = plan[3:]
             handled: set[str] = set()  # stages a caption -> encode stream already finished (or skipped)
@@ -258,10 +258,15 @@ def _infrastructure_stops(what: str) -> Any:
         ) from None
 
 
-def _streams(state: RunState, plan: list[tuple[str, dict[str, Any]]], uris: list[str] | None, force: bool) -> bool:
+def _streams(
+    config: RecapConfig, state: RunState, plan: list[tuple[str, dict[str, Any]]], uris: list[str] | None, force: bool
+) -> bool:
     """Whether `recap run` streams ingest, split and filter scoring together: all three are chosen and none was
     finished earlier (a finished ingest leaves split and filter to run, resumed, one at a time)."""
     if [stage for stage, _ in plan[:3]] != list(STREAMED):
+        return False
+    if unfit := first_stream_unfit(config):
+        log.warning("recap: ingest, split and filter run one after the other, not streamed: %s", unfit)
         return False
     upstream = None
     for stage, settings in plan[:3]:

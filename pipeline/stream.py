@@ -45,6 +45,22 @@ FILTER_INPUT_SCHEMA = pa.schema(
 )
 
 
+def first_stream_unfit(config: RecapConfig) -> str | None:
+    """Why ingest -> split -> filter cannot stream on this cluster (its pools do not fit at once), or None."""
+    from pipeline.engine import pools_fit
+
+    f = config.filter
+    pools = {"ingest": config.ingest.resources, "split": config.split.resources, "filter": f.resources}
+    for name, enabled, resources in (
+        ("text", f.text.enabled, f.text.resources),
+        ("nsfw", f.nsfw.enabled, f.nsfw.resources),
+        ("clip", bool(f.clip.model), f.clip.resources),
+    ):
+        if enabled:
+            pools[name] = resources
+    return pools_fit(pools)
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with exactly `schema`'s columns; those it lacks are null."""
     columns = {
