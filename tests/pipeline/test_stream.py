@@ -104,6 +104,9 @@ def test_a_stream_whose_pools_do_not_fit_the_cluster_is_refused(ray_session):
     from pipeline.config import Resources
     from pipeline.engine import pools_fit
 
-    assert pools_fit({"a": Resources(num_cpus=0.5, concurrency=2), "b": Resources(num_cpus=1, concurrency=1)}) is None
-    why = pools_fit({"a": Resources(num_cpus=1, concurrency=2), "b": Resources(num_cpus=0.5, num_gpus=1)})
-    assert why is not None and "2.5 CPUs (the cluster has 2)" in why and "1 GPUs (the cluster has 0)" in why
+    cpus = ray_session.cluster_resources()["CPU"]  # the session's Ray (another test may have started it)
+    half = Resources(num_cpus=cpus / 4, concurrency=2)
+    assert pools_fit({"a": half, "b": Resources(num_cpus=cpus / 2, concurrency=1)}) is None
+    why = pools_fit({"a": half, "b": Resources(num_cpus=cpus / 2 + 1, num_gpus=1, concurrency=1)})
+    assert why is not None and f"{cpus + 1:g} CPUs (the cluster has {cpus:g})" in why
+    assert "1 GPUs (the cluster has 0)" in why
