@@ -205,22 +205,9 @@ def map_through(
     """`map_stage` for a chain whose columns are known (`names`: the input's), without asking Ray for the
     schema (which would run part of the pipeline); returns the dataset and its columns (`post`'s class
     says what it makes of them with `output_names`)."""
-    import ray.data
-
-    missing = [c for c in stage_cls.input_columns if c not in names]
-    if missing:
-        raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {names}")
     kept = tuple(c for c in passthrough if c in names and c not in stage_cls.output_schema.names)
-    ds = ds.map_batches(
-        through(stage_cls, kept, skip, post) if kept or skip or post else stage_cls,
-        fn_constructor_args=constructor_args,
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus or None,
-        runtime_env=runtime_env,
-    )
+    wrapped = through(stage_cls, kept, skip, post) if kept or skip or post else stage_cls
+    ds = map_stage(ds, wrapped, resources, constructor_args, runtime_env, columns=tuple(names))
     names = [*stage_cls.output_schema.names, *kept]
     return ds, post[0].output_names(names) if post else names
 
