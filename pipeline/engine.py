@@ -232,6 +232,151 @@ def pools_fit(pools: dict[str, Resources]) -> str | None:
     return f"its pools ask for {' and '.join(short)}: {asked}"
 
 
+# A table rebuild: Ray Data actors turn a stage's committed results into the rows of a table (and its rejects)
+# and write them as Parquet parts; the driver only links the parts in. How much each actor asks for and how many
+# rows go into one part.
+REBUILD_RESOURCES = Resources(num_cpus=0.5, concurrency=2, batch_size=50_000)
+REBUILD_RECORD_SCHEMA = pa.schema(
+    [("part", pa.string()), ("rows", pa.int64()), ("passed", pa.int64()), ("rejects", pa.string())]
+)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order and types; columns it lacks are null."""
+    n = table.num_rows
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
+
+
+class TablePartWriter:
+    """One actor of a table rebuild: `transform` (a class built once per actor, called on each batch) gives the
+    batch's table rows and reject rows (or None); both are written as Parquet parts named by the rows' keys, so
+    a retried batch rewrites the same files. Returns one record: the part, its rows, how many passed, and the
+    reject counts by reason (JSON)."""
+
+    def __init__(self, transform: Any, args: tuple, work_uri: str, schema: pa.Schema, key: str):
+        self.transform = transform(*args) if transform is not None else None
+        self.work, self.schema, self.key = work_uri.rstrip("/"), schema, key
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        import hashlib
+        import json
+
+        from pipeline import manifest
+
+        batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        rows, rejects = self.transform(batch) if self.transform is not None else (batch, None)
+        rows = conform(rows, self.schema)
+        rejects = conform(rejects, REJECTS_SCHEMA) if rejects is not None else REJECTS_SCHEMA.empty_table()
+        ids = rows.column(self.key) if rows.num_rows else rejects.column("item_id")
+        if not len(ids):
+            return REBUILD_RECORD_SCHEMA.empty_table()
+        name = hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()[:16] + ".parquet"
+        if rows.num_rows:
+            manifest.write_part(f"{self.work}/rows", name, rows)
+        if rejects.num_rows:
+            manifest.write_part(f"{self.work}/rejects", name, rejects)
+        passed = int(pc.sum(rows.column("passed")).as_py() or 0) if "passed" in rows.column_names else rows.num_rows
+        reasons = pc.value_counts(rejects.column("reason")).to_pylist() if rejects.num_rows else []
+        record = {
+            "part": [name],
+            "rows": [rows.num_rows],
+            "passed": [passed],
+            "rejects": [json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True)],
+        }
+        return pa.table(record, schema=REBUILD_RECORD_SCHEMA)
+
+
+def read_parquet(paths: list[str], fs: Any, schema: pa.Schema | None = None) -> Any:
+    """A Ray Data dataset over Parquet files of `fs` (an fsspec filesystem: local disk or an object store), read
+    by workers."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    paths = [fs._strip_protocol(p) for p in paths]
+    return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), schema=schema)
+
+
+@dataclass
+class Rebuilt:
+    rows: int = 0
+    passed: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def rebuild_table(
+    output: str,
+    name: str,
+    stage: str,
+    ds: Any,
+    schema: pa.Schema,
+    transform: Any = None,
+    args: tuple = (),
+    key: str = "clip_id",
+    more_rejects: pa.Table | None = None,
+    reject_parts: tuple[str, ...] = (),
+) -> Rebuilt:
+    """Replace table `name` with the rows Ray Data workers make of `ds` (None: no input, an empty table) through
+    `transform` (see TablePartWriter), and the `stage` parts of `rejects` with the reject rows they make, plus
+    `more_rejects` (the driver's own, small) and `reject_parts` (files the stage's workers wrote). The workers
+    write the parts under `manifest/_work/<stage>/rebuild/`; the driver sees one small record per part and swaps
+    the parts in (linked, not copied). Run again after a crash, it starts over and replaces the same tables:
+    nothing is appended twice."""
+    import json
+
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from pipeline import manifest
+
+    work = f"{output.rstrip('/')}/manifest/_work/{stage}/rebuild"
+    fs, path = manifest._fs(work)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    done = Rebuilt()
+    parts: list[str] = []
+    rejects = list(reject_parts)
+
+    def count(reasons: list[dict[str, Any]]) -> None:
+        for entry in reasons:
+            done.rejects_by_reason[entry["values"]] = done.rejects_by_reason.get(entry["values"], 0) + entry["counts"]
+
+    if ds is not None:
+        r = REBUILD_RESOURCES
+        ds = ds.map_batches(
+            TablePartWriter,
+            fn_constructor_args=(transform, args, work, schema, key),
+            batch_size=r.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=r.concurrency),
+            num_cpus=r.num_cpus,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for record in batch.to_pylist():
+                done.rows += record["rows"]
+                done.passed += record["passed"]
+                if record["rows"]:
+                    parts.append(f"{work}/rows/{record['part']}")
+                counts = json.loads(record["rejects"])
+                if counts:
+                    rejects.append(f"{work}/rejects/{record['part']}")
+                count([{"values": k, "counts": v} for k, v in counts.items()])
+    if reject_parts:
+        table = pads.dataset([manifest._fs(p)[1] for p in reject_parts], format="parquet", filesystem=fs).to_table(
+            columns=["reason"]
+        )
+        count(pc.value_counts(table.column("reason")).to_pylist())
+    if more_rejects is not None and more_rejects.num_rows:
+        manifest.write_part(f"{work}/rejects", "driver.parquet", more_rejects.cast(REJECTS_SCHEMA))
+        rejects.append(f"{work}/rejects/driver.parquet")
+        count(pc.value_counts(more_rejects.column("reason")).to_pylist())
+    manifest.publish_parts(output, name, stage, sorted(parts), schema, replace_table=True)
+    manifest.publish_parts(output, "rejects", stage, sorted(rejects), REJECTS_SCHEMA)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return done
+
+
 def rejects_from(table: pa.Table, stage: str, id_column: str) -> pa.Table:
     mask = pc.equal(table.column("status"), VideoStatus.REJECTED.value)
     bad = table.filter(mask)

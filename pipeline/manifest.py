@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -207,19 +208,29 @@ def _link_or_copy(fs: Any, src: str, dst: str) -> None:
     fs.copy(src, dst)
 
 
-def publish_parts(out: str, name: str, prefix: str, parts: list[str], schema: pa.Schema) -> None:
-    """Make the Parquet files `parts` (full paths written by workers) the parts of table `name` under `prefix`,
-    swapped in whole; the driver links or copies them, it never reads or rewrites them."""
+def publish_parts(
+    out: str, name: str, prefix: str, parts: list[str], schema: pa.Schema, replace_table: bool = False
+) -> None:
+    """Make the Parquet files `parts` (full paths written by workers) the parts of table `name` under `prefix`
+    (with `replace_table`, the whole table), swapped in whole; the driver links or copies them, it never reads
+    or rewrites them."""
     fs, table = _fs(table_dir(out, name))
-    staging = f"{table}/.{prefix}.new-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(staging, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    if replace_table:
+        parent, base = table.rsplit("/", 1)
+        staging = f"{parent}/.{base}.new-{token}"
+        target, final = f"{staging}/{prefix}", table
+    else:
+        staging = target = f"{table}/.{prefix}.new-{token}"
+        final = f"{table}/{prefix}"
+    fs.makedirs(target, exist_ok=True)
     for part in parts:
         _, src = _fs(part)
-        _link_or_copy(fs, src, f"{staging}/part-{src.rsplit('/', 1)[-1]}")
+        _link_or_copy(fs, src, f"{target}/part-{src.rsplit('/', 1)[-1]}")
     if not parts:  # an empty table still has its columns
-        with fs.open(f"{staging}/part-empty.parquet", "wb") as fh:
+        with fs.open(f"{target}/part-empty.parquet", "wb") as fh:
             pq.write_table(schema.empty_table(), fh)
-    _swap_in(fs, staging, f"{table}/{prefix}")
+    _swap_in(fs, staging, final)
 
 
 def table_columns(out: str, name: str) -> list[str]:
@@ -377,41 +388,60 @@ def update_run_json(
     return run
 
 
-def _quantiles(values: list[float], qs: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dict[str, float]:
+def _quantiles(values: Any, qs: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> dict[str, float]:
+    """Quantiles of a column (an Arrow array or a list), nulls and NaNs left out."""
     import numpy as np
 
-    clean = [v for v in values if v is not None and v == v]
-    if not clean:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        clean = pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
+    else:
+        clean = np.asarray([v for v in values if v is not None], np.float64)
+    clean = clean[~np.isnan(clean)]
+    if not clean.size:
         return {}
     return {f"p{int(q * 100)}": float(np.quantile(clean, q)) for q in qs}
 
 
+def _sum(values: Any) -> float:
+    return float(pc.sum(values).as_py() or 0)
+
+
 def corpus_stats(out: str) -> dict[str, Any]:
-    """The funnel (videos -> clips -> passed -> captioned -> samples), rejects, score and size spreads."""
+    """The funnel (videos -> clips -> passed -> captioned -> samples), rejects, score and size spreads: computed
+    on the columns it needs, as Arrow (a large corpus's tables never become Python rows here)."""
     stats: dict[str, Any] = {"funnel": {}, "hours": {}, "rejects": {}, "scores": {}}
-    videos = read_table(out, "videos", columns=["status", "duration_s"]).to_pylist()
-    stats["funnel"]["videos"] = len(videos)
-    stats["funnel"]["videos_ok"] = sum(v["status"] == "ok" for v in videos)
-    stats["hours"]["videos"] = sum(v["duration_s"] or 0 for v in videos if v["status"] == "ok") / 3600
-    clip_columns = table_columns(out, "clips")
-    clips = read_table(out, "clips").to_pylist() if table_exists(out, "clips") else []
-    stats["funnel"]["clips"] = len(clips)
-    stats["funnel"]["passed"] = sum(bool(c.get("passed")) for c in clips)
-    stats["hours"]["passed_clips"] = sum(c["duration_s"] or 0 for c in clips if c.get("passed")) / 3600
+    videos = read_table(out, "videos", columns=["status", "duration_s"])
+    ok = pc.equal(videos.column("status"), "ok")
+    stats["funnel"]["videos"] = videos.num_rows
+    stats["funnel"]["videos_ok"] = int(_sum(ok))
+    stats["hours"]["videos"] = _sum(pc.filter(videos.column("duration_s"), ok)) / 3600
+    clip_columns = table_columns(out, "clips") if table_exists(out, "clips") else []
+    scores = [c for c in clip_columns if c.startswith("score_")]
+    wanted = ["passed", "duration_s", *(["caption"] if "caption" in clip_columns else []), *scores]
+    clips = (
+        read_table(out, "clips", columns=wanted) if clip_columns else pa.table({"passed": pa.array([], pa.bool_())})
+    )
+    passed = pc.fill_null(clips.column("passed"), False)
+    stats["funnel"]["clips"] = clips.num_rows
+    stats["funnel"]["passed"] = int(_sum(passed))
+    stats["hours"]["passed_clips"] = (
+        _sum(pc.filter(clips.column("duration_s"), passed)) / 3600 if clip_columns else 0.0
+    )
     if "caption" in clip_columns:
-        captions = [c["caption"] for c in clips if c.get("passed") and c.get("caption")]
+        captions = pc.filter(clips.column("caption"), passed)
+        captions = pc.filter(captions, pc.fill_null(pc.greater(pc.utf8_length(captions), 0), False))
         stats["funnel"]["captioned"] = len(captions)
-        stats["caption_words"] = _quantiles([len(c.split()) for c in captions])
-    for name in clip_columns:
-        if name.startswith("score_"):
-            stats["scores"][name] = _quantiles([c.get(name) for c in clips])
+        stats["caption_words"] = _quantiles(pc.count_substring_regex(captions, r"\S+"))
+    for name in scores:
+        stats["scores"][name] = _quantiles(clips.column(name))
     if table_exists(out, "samples"):
         stats["funnel"]["samples"] = read_table(out, "samples", columns=["key"]).num_rows
     if table_exists(out, "shards"):
-        stats["shard_bytes"] = _quantiles(read_table(out, "shards", columns=["bytes"]).column("bytes").to_pylist())
-    for r in read_table(out, "rejects", columns=["stage", "reason"]).to_pylist():
-        key = f"{r['stage']}/{r['reason']}"
-        stats["rejects"][key] = stats["rejects"].get(key, 0) + 1
+        stats["shard_bytes"] = _quantiles(read_table(out, "shards", columns=["bytes"]).column("bytes"))
+    rejects = read_table(out, "rejects", columns=["stage", "reason"])
+    if rejects.num_rows:
+        for row in rejects.group_by(["stage", "reason"]).aggregate([("reason", "count")]).to_pylist():
+            stats["rejects"][f"{row['stage']}/{row['reason']}"] = row["reason_count"]
     stats["stale"] = stale_stages(out)
     return stats
 

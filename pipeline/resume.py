@@ -66,7 +66,7 @@ def _diff(old: Any, new: Any, path: str) -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     """ISO 8601 in UTC to the millisecond: stages that overlap, or follow within a second, stay ordered."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
@@ -124,7 +124,7 @@ class RunState:
         self, stage: str, fp: str, settings: dict[str, Any], config: dict[str, Any], started_at: str | None = None
     ) -> str:
         """The stage is running (since `started_at`, e.g. when a stream that does its work began; default now)."""
-        started_at = started_at or _utc_now()
+        started_at = started_at or utc_now()
         state = {"status": "running", "fingerprint": fp, "settings": settings, "started_at": started_at}
         self._update(config, stage, state)
         return started_at
@@ -133,7 +133,7 @@ class RunState:
         """The stage is done: `info` plus when it started (this command's start of it) and finished."""
         started_at = self.stages().get(stage, {}).get("started_at")
         state = {"status": "done", "fingerprint": fp, "settings": settings, "started_at": started_at}
-        self._update(config, stage, {**info, **state, "finished_at": _utc_now()})
+        self._update(config, stage, {**info, **state, "finished_at": utc_now()})
 
     def mark_stale_after(self, stage: str, config: dict[str, Any]) -> None:
         """Stages downstream of a re-run stage read outputs that changed: they re-run without --force."""

@@ -28,6 +28,7 @@ from pipeline.resume import (
     reopen_rejected,
     seed_encode_checkpoint,
     stage_settings,
+    utc_now,
 )
 from pipeline.schema import RejectReason
 from pipeline.stages.caption import run_caption
@@ -161,9 +162,12 @@ def run_pipeline(
         results: list[StageResult] = []
         cfg_dict = config.to_dict()
 
-        def begin(stage: str, settings: dict[str, Any]) -> tuple[str, StageCheckpoint, list[str] | None] | None:
+        def begin(
+            stage: str, settings: dict[str, Any], started_at: str | None = None
+        ) -> tuple[str, StageCheckpoint, list[str] | None] | None:
             """Decide the stage again (an earlier stage of this command changed run.json); None when it is skipped
-            (its result appended), else its fingerprint and checkpoint, and the stage marked running."""
+            (its result appended), else its fingerprint and checkpoint, and the stage marked running (since
+            `started_at`: a stream's stages share its start)."""
             held.check()  # a writer judged dead (its lease taken over) stops before it writes more
             fp = fingerprint(settings, state.fingerprint_of(UPSTREAM[stage]), uris if stage == "ingest" else None)
             action = state.decide(stage, fp, settings, force, uris)
@@ -193,7 +197,7 @@ def run_pipeline(
             checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
             if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
                 seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
-            state.start(stage, fp, settings, cfg_dict)
+            state.start(stage, fp, settings, cfg_dict, started_at)
             return fp, checkpoint, repaired
 
         def finish(
@@ -293,10 +297,10 @@ def _run_streamed(
     """Ingest, split and filter scoring as one stream (pipeline.stream), then each stage finishes as it does alone,
     in order: ingest writes `videos`, split `clips`, filter dedupes, decides and writes. run.json gets each stage's
     start (the stream's) and its own finish."""
-    start = time.monotonic()
+    start, started_at = time.monotonic(), utc_now()
     begun = {}
     for stage, settings in plan:
-        b = begin(stage, settings)
+        b = begin(stage, settings, started_at)
         assert b is not None, f"{stage} was to run, not be skipped"
         begun[stage] = b
     checkpoints = {stage: b[1] for stage, b in begun.items()}

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.engine import StageResult, count_by, stage_checkpoint, stage_progress
+from pipeline.engine import StageResult, conform, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import CAPTION_FIELDS, CAPTIONS_TABLE_SCHEMA, REJECTS_SCHEMA, RejectReason, table_of
@@ -293,8 +293,19 @@ CAPTION_ONLY = ("caption_raw", "caption_failed", "caption_attempts")  # in `capt
 RECORD_COLUMNS = ("_caption_part", "_caption_rows", "_skip")
 
 
-def parts_dir(work_uri: str) -> str:
-    return f"{work_uri.rstrip('/')}/parts"
+def parts_dir(work_uri: str, kind: str = "parts") -> str:
+    """Where the caption actors write a batch's files, one of each kind under the same name: `parts` (its
+    captions), `clips` (its clips' full rows with captions and decisions), `rejects` (its caption rejects)."""
+    return f"{work_uri.rstrip('/')}/{kind}"
+
+
+PART_KINDS = ("clips", "rejects", "parts")  # written in this order: a caption part vouches for the other two
+
+
+def clip_rows_schema(clips: pa.Schema) -> pa.Schema:
+    """The `clips` table's schema once captioned: the clip columns before caption, then the caption columns."""
+    caption_cols = {f.name for f in CAPTION_FIELDS}
+    return pa.schema([f for f in clips if f.name not in caption_cols] + CAPTION_FIELDS)
 
 
 def caption_reject(cap: dict[str, Any], cfg: CaptionConfig) -> tuple[str, str] | None:
@@ -322,10 +333,11 @@ class CaptionRecordStage:
     name = "caption-record"
     input_columns = ("clip_id", *CAPTIONS_SCHEMA.names)
 
-    def __init__(self, config: RecapConfig | dict[str, Any], work_uri: str):
+    def __init__(self, config: RecapConfig | dict[str, Any], work_uri: str, clip_schema: pa.Schema):
         cfg = config if isinstance(config, RecapConfig) else RecapConfig.model_validate(config)
         self.cfg = cfg.caption
-        self.dir = parts_dir(work_uri)
+        self.work = work_uri
+        self.clip_schema = clip_schema
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
         batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
@@ -334,7 +346,6 @@ class CaptionRecordStage:
         part = batch.select(PART_SCHEMA.names).cast(PART_SCHEMA)
         ids = batch.column("clip_id").to_pylist()
         name = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16] + ".parquet"
-        manifest.write_part(self.dir, name, part)
         reasons = [caption_reject(cap, self.cfg) for cap in part.to_pylist()]
         out = batch.drop_columns([c for c in CAPTION_ONLY if c in batch.column_names])
         if "passed" in out.column_names:
@@ -347,6 +358,25 @@ class CaptionRecordStage:
             out = out.set_column(
                 out.schema.get_field_index("reject_reason"), "reject_reason", pa.array(merged, pa.string())
             )
+        # The batch's clips as the `clips` table will hold them, its rejects, then its captions (the part the
+        # driver commits): all three before the record leaves this actor.
+        manifest.write_part(parts_dir(self.work, "clips"), name, conform(out, self.clip_schema))
+        rejected = [
+            (r, row) for r, row in zip(reasons, batch.select(["clip_id", "uri"]).to_pylist(), strict=True) if r
+        ]
+        rejects = pa.table(
+            {
+                "stage": pa.array(["caption"] * len(rejected), pa.string()),
+                "item_id": pa.array([row["clip_id"] for _, row in rejected], pa.string()),
+                "uri": pa.array([row["uri"] for _, row in rejected], pa.string()),
+                "reason": pa.array([r[0] for r, _ in rejected], pa.string()),
+                "detail": pa.array([r[1] for r, _ in rejected], pa.string()),
+            },
+            schema=REJECTS_SCHEMA,
+        )
+        if rejects.num_rows:
+            manifest.write_part(parts_dir(self.work, "rejects"), name, rejects)
+        manifest.write_part(parts_dir(self.work), name, part)
         n = batch.num_rows
         out = out.append_column("_caption_part", pa.array([name] * n, pa.string()))
         out = out.append_column("_caption_rows", pa.array([n] * n, pa.int64()))
@@ -376,7 +406,9 @@ def caption_pools(config: RecapConfig, with_match: bool) -> dict[str, Any]:
     return pools
 
 
-def caption_pipeline(ds: Any, names: list[str], config: RecapConfig, work_uri: str) -> tuple[Any, list[str]]:
+def caption_pipeline(
+    ds: Any, names: list[str], config: RecapConfig, work_uri: str, clip_schema: pa.Schema
+) -> tuple[Any, list[str]]:
     """The caption stage's part of a Ray Data pipeline over clip rows: decode (CPU pool) -> model (its pool, GPUs)
     -> CLIP caption match (when the filter's CLIP model is set) -> parts and decisions. The clip columns pass
     through, so a later stage (encode) can take the rows on."""
@@ -394,7 +426,10 @@ def caption_pipeline(ds: Any, names: list[str], config: RecapConfig, work_uri: s
 
         env = runtime_env(cfg)
     model_resources = pools["caption"]
-    record = (CaptionRecordStage, (cfg_dict, work_uri))  # runs in the last caption actor: no pool of its own
+    record = (
+        CaptionRecordStage,
+        (cfg_dict, work_uri, clip_rows_schema(clip_schema)),
+    )  # runs in the last caption actor: no pool of its own
     ds, names = map_through(
         ds,
         names,
@@ -445,24 +480,10 @@ def read_parts(checkpoint: StageCheckpoint, columns: list[str] | None = None) ->
 def caption_todo(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> tuple[pa.Table, pa.Table, int]:
     """(clips as the caption stage starts from: its own earlier decisions undone, caption columns dropped;
     the clips still to caption; how many an interrupted run committed). Removes parts never committed."""
-    clips = manifest.read_table(output, "clips")
-    caption_cols = {f.name for f in CAPTION_FIELDS}
-    clips = clips.drop_columns([c for c in clips.column_names if c in caption_cols])
-    # Clips this stage rejected last time are candidates again: undo only its own decisions.
-    reasons = clips.column("reject_reason").to_pylist()
-    own = [bool(r and r.startswith("caption_")) for r in reasons]
-    if any(own):
-        clips = clips.set_column(
-            clips.schema.get_field_index("passed"),
-            "passed",
-            pa.array([p or o for p, o in zip(clips.column("passed").to_pylist(), own, strict=True)]),
-        )
-        clips = clips.set_column(
-            clips.schema.get_field_index("reject_reason"),
-            "reject_reason",
-            pa.array([None if o else r for r, o in zip(reasons, own, strict=True)], pa.string()),
-        )
-    manifest.remove_unlisted(parts_dir(checkpoint.uri), set(committed_parts(checkpoint)))
+    clips = undo_own_decisions(manifest.read_table(output, "clips"))
+    committed = set(committed_parts(checkpoint))
+    for kind in PART_KINDS:
+        manifest.remove_unlisted(parts_dir(checkpoint.uri, kind), committed)
     done = read_parts(checkpoint, ["clip_id"]).column("clip_id")
     todo = clips.filter(pc.equal(clips.column("passed"), True))
     todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), done)))
@@ -485,12 +506,10 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
     version = caption_version(cfg.model, prompt.version_id)
     checkpoint = stage_checkpoint(output, "caption", checkpoint)
     clips, todo, resumed = caption_todo(config, output, checkpoint)
-    wanted = ["clip_id", "uri", "start_s", "end_s", "duration_s", "fps", "camera_motion", "clip_embedding"]
-    todo = todo.select([c for c in wanted if c in todo.column_names])
     progress = stage_progress(config, "caption", todo.num_rows, "clips")
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds, _names = caption_pipeline(ds, todo.column_names, config, checkpoint.uri)
+        ds, _names = caption_pipeline(ds, todo.column_names, config, checkpoint.uri, clips.schema)
         # The driver takes the parts' names and the decisions, never the captions themselves.
         for batch in ds.select_columns(list(RECORD_COLUMNS)).iter_batches(batch_size=None, batch_format="pyarrow"):
             names = batch.column("_caption_part").to_pylist()
@@ -499,6 +518,28 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
             progress.update(batch.num_rows, rejected=sum(batch.column("_skip").to_pylist()))
     progress.close()
     return finish_caption(config, output, checkpoint, clips, version, prompt.version_id, start, resumed)
+
+
+def undo_own_decisions(clips: pa.Table) -> pa.Table:
+    """`clips` without caption columns and with the caption stage's own earlier rejections undone (those clips
+    are candidates again), the earlier stages' decisions kept."""
+    caption_cols = {f.name for f in CAPTION_FIELDS}
+    clips = clips.drop_columns([c for c in clips.column_names if c in caption_cols])
+    reasons = clips.column("reject_reason")
+    own = pc.fill_null(pc.starts_with(reasons, "caption_"), False)
+    if pc.any(own).as_py():
+        passed = pc.or_(pc.fill_null(clips.column("passed"), False), own)
+        clips = clips.set_column(clips.schema.get_field_index("passed"), "passed", passed)
+        cleared = pc.if_else(own, pa.scalar(None, pa.string()), reasons)
+        clips = clips.set_column(clips.schema.get_field_index("reject_reason"), "reject_reason", cleared)
+    return clips
+
+
+def uncaptioned_rows(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table rebuild's input from the old `clips`: the rows the caption stage did not take (not passed, once
+    its own earlier decisions are undone), caption columns null."""
+    batch = undo_own_decisions(batch)
+    return conform(batch.filter(pc.invert(pc.fill_null(batch.column("passed"), False))), schema)
 
 
 def finish_caption(
@@ -511,50 +552,36 @@ def finish_caption(
     start: float,
     resumed: int,
 ) -> StageResult:
-    """Publish the committed parts as the `captions` table (this version), write the caption columns and decisions
-    into `clips`, and the caption rejects."""
+    """Publish the committed parts as the `captions` table (this version); Ray Data workers rebuild `clips` from
+    the captioned clips' rows the caption actors wrote and the clips the stage did not take; publish the caption
+    rejects the actors wrote."""
+    from pipeline.engine import read_parquet, rebuild_table
+
     cfg = config.caption
-    parts = [f"{parts_dir(checkpoint.uri)}/{name}" for name in committed_parts(checkpoint)]
-    manifest.publish_parts(output, "captions", version, parts, PART_SCHEMA)
-    committed = read_parts(checkpoint)
-    captions: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in committed.to_pylist()}
-    rows = clips.to_pylist()
-    reject_rows = []
-    for row in rows:
-        cap = captions.get(row["clip_id"])
-        if cap is None:
-            continue
-        row.update(
-            caption=cap["caption"],
-            caption_model=cap["caption_model"],
-            caption_prompt_version=cap["caption_prompt_version"],
-            caption_version=version,
-            caption_flags=cap["caption_flags"],
-            score_caption_match=cap["score_caption_match"],
-        )
-        rejected = caption_reject(cap, cfg)
-        if rejected is not None:
-            row.update(passed=False, reject_reason=rejected[0])
-            reject_rows.append(
-                {
-                    "stage": "caption",
-                    "item_id": row["clip_id"],
-                    "uri": row["uri"],
-                    "reason": rejected[0],
-                    "detail": rejected[1],
-                }
-            )
-    caption_cols = {f.name for f in CAPTION_FIELDS}
-    schema = pa.schema([f for f in clips.schema if f.name not in caption_cols] + CAPTION_FIELDS)
-    clip_writer = manifest.TableWriter(output, "clips", prefix="caption", schema=schema, replace_table=True)
-    clip_writer.write_rows(rows)
-    clip_writer.close()
-    manifest.write_table(output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="caption")
+    names = committed_parts(checkpoint)
+    manifest.publish_parts(
+        output, "captions", version, [f"{parts_dir(checkpoint.uri)}/{n}" for n in names], PART_SCHEMA
+    )
+    schema = clip_rows_schema(clips.schema)
+    fs, clip_parts = manifest._fs(parts_dir(checkpoint.uri, "clips"))
+    captioned = read_parquet([f"{clip_parts}/{n}" for n in names], fs, schema) if names else None
+    table_fs, _ = manifest._fs(manifest.table_dir(output, "clips"))
+    others = read_parquet(manifest.table_files(output, "clips"), table_fs).map_batches(
+        uncaptioned_rows, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None
+    )
+    ds = others.union(captioned) if captioned is not None else others
+    _, reject_dir = manifest._fs(parts_dir(checkpoint.uri, "rejects"))
+    written = {p.rsplit("/", 1)[-1] for p in fs.ls(reject_dir, detail=False)} if fs.exists(reject_dir) else set()
+    reject_parts = tuple(f"{parts_dir(checkpoint.uri, 'rejects')}/{n}" for n in names if n in written)
+    rebuilt = rebuild_table(output, "clips", "caption", ds, schema, reject_parts=reject_parts)
+    records = checkpoint.read(schema=PART_RECORD_SCHEMA)
+    captioned_rows = int(pc.sum(records.column("rows")).as_py() or 0) if records is not None else 0
+    rejected = sum(rebuilt.rejects_by_reason.values())
     return StageResult(
         "caption",
         time.monotonic() - start,
-        counts={"clips": len(captions), "captioned": len(captions) - len(reject_rows), "rejected": len(reject_rows)},
-        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
+        counts={"clips": captioned_rows, "captioned": captioned_rows - rejected, "rejected": rejected},
+        rejects_by_reason=rebuilt.rejects_by_reason,
         info={"caption_version": version, "caption_model": cfg.model, "caption_prompt_version": prompt_version},
         resumed=resumed,
     )

@@ -760,9 +760,6 @@ def stream_caption_encode(
     done = {"caption": 0, "encode": 0, "shards": 0}
     if not todo.num_rows:
         return done
-    todo = todo.drop_columns([c for c in ("phashes",) if c in todo.column_names])
-    if not config.filter.clip.model and "clip_embedding" in todo.column_names:
-        todo = todo.drop_columns(["clip_embedding"])
     caption_progress = stage_progress(config, "caption", todo.num_rows, "clips")
     run = EncodeRun(config, output, encode_checkpoint, _samples_schema(clips))
     run.progress = stage_progress(config, "encode", todo.num_rows, "clips")
@@ -777,7 +774,7 @@ def stream_caption_encode(
     seen: dict[str, int] = {}
     run.on_captions = on_captions
     ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-    ds, names = caption_pipeline(ds, todo.column_names, config, caption_checkpoint.uri)
+    ds, names = caption_pipeline(ds, todo.column_names, config, caption_checkpoint.uri, clips.schema)
     ds, _names = encode_pipeline(ds, names, config, passthrough=RECORD_COLUMNS, skip="_skip")
     run.write(ds)
     caption_progress.close()

@@ -26,7 +26,14 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import FilterConfig, RecapConfig
-from pipeline.engine import StageResult, count_by, map_stage, stage_checkpoint, stage_progress
+from pipeline.engine import (
+    StageResult,
+    map_stage,
+    read_parquet,
+    rebuild_table,
+    stage_checkpoint,
+    stage_progress,
+)
 from pipeline.errors import StageInputError
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
@@ -616,6 +623,36 @@ def _filter_decisions(row: dict[str, Any], thresholds: dict[str, Any], dropped: 
     return row
 
 
+class FilterDecisions:
+    """A table rebuild's transform (`engine.rebuild_table`): scored clips -> the clips table's rows with the
+    filter's decisions (thresholds, near-duplicates), and a reject row for each clip the filter rejected."""
+
+    def __init__(self, thresholds: dict[str, Any], dropped: dict[str, str]):
+        self.thresholds, self.dropped = thresholds, dropped
+
+    def __call__(self, scored: pa.Table) -> tuple[pa.Table, pa.Table]:
+        rows = [_filter_decisions(r, self.thresholds, self.dropped) for r in scored.to_pylist()]
+        rejects = []
+        for r in rows:
+            if r["filter_reasons"] and r["reject_reason"] in r["filter_reasons"]:
+                detail = r.get("filter_detail") or ", ".join(r["filter_reasons"])
+                if r.get("near_duplicate_of") and r["reject_reason"] == "near_duplicate":
+                    detail = f"near duplicate of {r['near_duplicate_of']}"
+                rejects.append(
+                    {
+                        "stage": "filter",
+                        "item_id": r["clip_id"],
+                        "uri": r["uri"],
+                        "reason": r["reject_reason"],
+                        "detail": detail,
+                    }
+                )
+        return (
+            pa.Table.from_pylist(rows, schema=FILTERED_CLIPS_SCHEMA),
+            pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+        )
+
+
 def _previous_corpora(config: RecapConfig) -> list[str]:
     paths = []
     for corpus in config.filter.dedup.against:
@@ -681,35 +718,11 @@ def run_filter(
                 counts={"clips": len(rows), "considered": considered},
                 rejects_by_reason=counts,
             )
-        scored = checkpoint.read(schema=FILTERED_CLIPS_SCHEMA)
-        if scored is None:
-            scored = FILTERED_CLIPS_SCHEMA.empty_table()
-        writer = manifest.TableWriter(
-            output, "clips", prefix="filter", schema=FILTERED_CLIPS_SCHEMA, replace_table=True
-        )
-        reject_rows: list[dict[str, Any]] = []
-        passed = 0
-        for batch in scored.to_batches(max_chunksize=10_000):
-            rows = [_filter_decisions(r, thresholds, dropped) for r in batch.to_pylist()]
-            writer.write_rows(rows)
-            for r in rows:
-                passed += bool(r["passed"])
-                if r["filter_reasons"] and r["reject_reason"] in r["filter_reasons"]:
-                    detail = r.get("filter_detail") or ", ".join(r["filter_reasons"])
-                    if r.get("near_duplicate_of") and r["reject_reason"] == "near_duplicate":
-                        detail = f"near duplicate of {r['near_duplicate_of']}"
-                    reject_rows.append(
-                        {
-                            "stage": "filter",
-                            "item_id": r["clip_id"],
-                            "uri": r["uri"],
-                            "reason": r["reject_reason"],
-                            "detail": detail,
-                        }
-                    )
-        writer.close()
-        manifest.write_table(
-            output, "rejects", pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA), prefix="filter"
+        # Ray Data workers apply the decisions to the scored clips and write the clips table and the rejects.
+        parts = checkpoint.parts()
+        ds = read_parquet(parts, checkpoint.fs, FILTERED_CLIPS_SCHEMA) if parts else None
+        rebuilt = rebuild_table(
+            output, "clips", "filter", ds, FILTERED_CLIPS_SCHEMA, FilterDecisions, (thresholds, dropped)
         )
     finally:
         if dry_run:
@@ -718,11 +731,11 @@ def run_filter(
         "filter",
         time.monotonic() - start,
         counts={
-            "clips": scored.num_rows,
-            "passed": passed,
-            "rejected": len(reject_rows),
+            "clips": rebuilt.rows,
+            "passed": rebuilt.passed,
+            "rejected": sum(rebuilt.rejects_by_reason.values()),
             "near_duplicates": len(dropped),
         },
-        rejects_by_reason=count_by([r["reason"] for r in reject_rows]),
+        rejects_by_reason=rebuilt.rejects_by_reason,
         resumed=resumed,
     )

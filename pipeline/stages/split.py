@@ -20,12 +20,22 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import RecapConfig, SplitConfig
-from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
+from pipeline.engine import (
+    StageResult,
+    conform,
+    map_stage,
+    read_parquet,
+    rebuild_table,
+    rejects_from,
+    stage_checkpoint,
+    stage_progress,
+)
 from pipeline.errors import StageInputError
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.scenes.detectors import Scene, build_detector
 from pipeline.schema import (
+    CLIPS_SCHEMA,
     REJECTS_SCHEMA,
     SPLIT_RESULT_SCHEMA,
     VIDEOS_SCHEMA,
@@ -268,6 +278,37 @@ def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
+class SplitClipRows:
+    """A table rebuild's transform (`engine.rebuild_table`): committed per-video split results -> the videos'
+    clip rows, and a reject row for each clip split already rejected (too short, damaged frames)."""
+
+    def __init__(self, min_clip_s: float, min_clip_frames: int):
+        self.short = f"scene shorter than split.min_clip_s={min_clip_s} or split.min_clip_frames={min_clip_frames}"
+
+    def __call__(self, results: pa.Table) -> tuple[pa.Table, pa.Table]:
+        ok = results.filter(pc.equal(results.column("status"), VideoStatus.OK.value))
+        rows = pa.Table.from_pylist(clip_rows_from_results(ok), schema=CLIPS_SCHEMA)
+        bad = rows.filter(pc.invert(rows.column("passed")))
+        damaged = "frames in it were damaged: the decoder concealed errors (see videos.reject_detail)"
+        rejects = pa.table(
+            {
+                "stage": pa.array(["split"] * bad.num_rows, pa.string()),
+                "item_id": bad.column("clip_id"),
+                "uri": bad.column("uri"),
+                "reason": bad.column("reject_reason"),
+                "detail": pa.array(
+                    [
+                        damaged if r == RejectReason.DECODE_DAMAGED.value else self.short
+                        for r in bad.column("reject_reason").to_pylist()
+                    ],
+                    pa.string(),
+                ),
+            },
+            schema=REJECTS_SCHEMA,
+        )
+        return rows, rejects
+
+
 def run_split(
     config: RecapConfig,
     output: str,
@@ -310,38 +351,27 @@ def run_split(
                 rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
             )
     progress.close()
-    # Every video's result, this run's and those an interrupted run committed, into the clips table at once.
-    committed = checkpoint.read(schema=SPLIT_RESULT_SCHEMA)
-    split_results = committed if committed is not None else SPLIT_RESULT_SCHEMA.empty_table()
-    clips_writer = manifest.TableWriter(output, "clips", prefix="split", replace_table=True)
-    for batch in split_results.to_batches(max_chunksize=1000):
-        clips_writer.write_rows(clip_rows_from_results(pa.Table.from_batches([batch])))
-    clips_writer.close()
-    split_results = split_results.drop_columns(["clips_json"])
-    video_rejects = rejects_from(split_results, "split", "video_id")
-    clips = manifest.read_table(output, "clips", columns=["clip_id", "uri", "reject_reason", "passed"])
-    bad = clips.filter(pc.invert(clips.column("passed")))
-    clip_rejects = pa.table(
-        {
-            "stage": pa.array(["split"] * bad.num_rows, pa.string()),
-            "item_id": bad.column("clip_id"),
-            "uri": bad.column("uri"),
-            "reason": bad.column("reject_reason"),
-            "detail": pa.array(
-                [
-                    "frames in it were damaged: the decoder concealed errors (see videos.reject_detail)"
-                    if reason == "decode_damaged"
-                    else f"scene shorter than split.min_clip_s={config.split.min_clip_s} "
-                    f"or split.min_clip_frames={config.split.min_clip_frames}"
-                    for reason in bad.column("reject_reason").to_pylist()
-                ],
-                pa.string(),
-            ),
-        },
-        schema=REJECTS_SCHEMA,
+    # Every video's result, this run's and those an interrupted run committed: Ray Data workers turn them into
+    # the clips table and the clip rejects; the driver reads only the per-video columns.
+    parts = checkpoint.parts()
+    ds = read_parquet(parts, checkpoint.fs, SPLIT_RESULT_SCHEMA) if parts else None
+    results_columns = [c for c in SPLIT_RESULT_SCHEMA.names if c != "clips_json"]
+    committed = checkpoint.read(columns=results_columns)
+    split_results = conform(
+        committed if committed is not None else pa.table({}),
+        pa.schema([SPLIT_RESULT_SCHEMA.field(c) for c in results_columns]),
     )
-    rejects = pa.concat_tables([video_rejects, clip_rejects])
-    manifest.write_table(output, "rejects", rejects, prefix="split")
+    video_rejects = rejects_from(split_results, "split", "video_id")
+    rebuilt = rebuild_table(
+        output,
+        "clips",
+        "split",
+        ds,
+        CLIPS_SCHEMA,
+        SplitClipRows,
+        (config.split.min_clip_s, config.split.min_clip_frames),
+        more_rejects=video_rejects,
+    )
     _update_videos_after_split(output, videos, split_results)
     return StageResult(
         "split",
@@ -349,12 +379,12 @@ def run_split(
         counts={
             "videos": split_results.num_rows,
             "frames": sum(n or 0 for n in split_results.column("num_frames").to_pylist()),
-            "clips": clips.num_rows,  # every clip row, as the funnel counts them
-            "too_short": pc.sum(pc.equal(clips.column("reject_reason"), "too_short")).as_py() or 0,
-            "damaged": pc.sum(pc.equal(clips.column("reject_reason"), "decode_damaged")).as_py() or 0,
+            "clips": rebuilt.rows,  # every clip row, as the funnel counts them
+            "too_short": rebuilt.rejects_by_reason.get(RejectReason.TOO_SHORT.value, 0),
+            "damaged": rebuilt.rejects_by_reason.get(RejectReason.DECODE_DAMAGED.value, 0),
             "rejected_videos": video_rejects.num_rows,
         },
-        rejects_by_reason=count_by(rejects.column("reason").to_pylist()),
+        rejects_by_reason=rebuilt.rejects_by_reason,
         resumed=resumed,
     )
 

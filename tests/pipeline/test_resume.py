@@ -138,6 +138,14 @@ def test_driver_killed_at_three_points_then_resumed(baseline, inputs, overrides,
         else:
             proc = _recap_run(out, inputs, overrides, crash_at, tag)
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        # Each kill lands inside a streaming pipeline: split:1 in ingest -> split -> filter (the first, fresh
+        # run), caption:1 in caption -> encode (fresh after the resumed first stages); the stages of a stream
+        # start together and were all still running.
+        streamed = {"split:1": ("ingest", "split", "filter"), "caption:1": ("caption", "encode")}.get(crash_at, ())
+        stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+        if streamed:
+            assert {stages[s]["status"] for s in streamed[1:]} == {"running"}, (crash_at, stages)
+            assert len({stages[s]["started_at"] for s in streamed}) == 1, (crash_at, stages)
         deadline = time.monotonic() + 20  # the local Ray the killed run started goes away with it
         while _processes_tagged(tag) and time.monotonic() < deadline:
             time.sleep(0.5)
