@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,61 @@ class StageResult:
             else (f" (resumed: {self.resumed:,} done before)" if self.resumed else "")
         )
         return f"{self.stage:<7} {self.seconds:7.1f}s  {counts}; rejects: {rejects}{note}"
+
+
+@dataclass
+class StageRun:
+    """What a stage's run function is given: the command's settings, this stage's checkpoint, and (a stream's
+    stages) the progress line already counting. `inputs`, `uris`, `skipped`: what ingest reads."""
+
+    config: RecapConfig
+    output: str
+    checkpoint: StageCheckpoint
+    inputs: list[str] | None = None
+    uris: list[str] | None = None
+    skipped: dict[str, int] | None = None
+    progress: StageProgress | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as `recap run` lists it. `run` does the whole stage (reads, transforms on Ray, writes, commits);
+    `unit`/`rate`: what its progress line counts; `needs`: the table it reads and what to say when it is missing
+    (checked before anything starts when the command begins with this stage); `dry_run`: a run that writes
+    nothing; `repairable`/`repair`: when outputs it made are missing, whether it can redo only those, seeding its
+    checkpoint with what is intact (else it runs again whole)."""
+
+    name: str
+    run: Callable[[StageRun], StageResult]
+    unit: str
+    rate: str | None = None
+    needs: tuple[str, str] | None = None
+    dry_run: Callable[[RecapConfig, str], StageResult] | None = None
+    repairable: Callable[[list[str]], bool] | None = None
+    repair: Callable[[str, StageCheckpoint, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class Streamed:
+    """What a stream did for one of its stages, for that stage's result: items an interrupted run had committed
+    before (`resumed`) and counts to report instead of the stage's own (e.g. nothing was resumed)."""
+
+    resumed: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamGroup:
+    """Consecutive stages `recap run` runs as ONE streaming Ray Data pipeline when it runs all of them: `run`
+    streams the work into the stages' checkpoints (config, output, input uris, checkpoints, progress lines ->
+    what it did per stage), then each stage's own `run` finishes it as it would alone. `unfit`: why the pools do
+    not fit the cluster at once (then the stages run one at a time); `resumes`: whether the stream can continue
+    stages with committed work (else it streams only stages that start fresh)."""
+
+    stages: tuple[str, ...]
+    run: Callable[[RecapConfig, str, list[str], dict[str, StageCheckpoint], dict[str, StageProgress]], dict]
+    unfit: Callable[[RecapConfig], str | None]
+    resumes: bool = False
 
 
 class RaySession:

@@ -2,7 +2,9 @@
 
 The three layers: `pipeline.engine` (Ray session, wiring, commits, progress; it knows no stage), the stages in
 `pipeline.stages` (each module holds its whole stage: what it reads, its transform, what it writes and commits),
-and this module on top, which lists them and keeps run.json's record of each.
+and this module on top, which lists them (`STAGES`, and the `STREAMS` of consecutive stages that run as one
+pipeline) and keeps run.json's record of each. Nothing here is particular to one stage: what a stage reads,
+needs, counts or repairs is declared by its module's `STAGE`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from typing import Any
 
 from pipeline import manifest
 from pipeline.config import RecapConfig
-from pipeline.engine import RaySession, StageResult, infrastructure_failure, stage_progress
+from pipeline.engine import (
+    RaySession,
+    Stage,
+    StageResult,
+    StageRun,
+    StreamGroup,
+    infrastructure_failure,
+    stage_progress,
+)
 from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.io.sources import discover_inputs
 from pipeline.lease import WriterLease
-from pipeline.progress import StageProgress
 from pipeline.resume import (
     UPSTREAM,
     RunState,
@@ -26,30 +35,21 @@ from pipeline.resume import (
     fingerprint,
     missing_outputs,
     reopen_rejected,
-    seed_encode_checkpoint,
     stage_settings,
     utc_now,
 )
 from pipeline.schema import RejectReason
-from pipeline.stages.caption import run_caption
-from pipeline.stages.encode import caption_encode_unfit, run_encode, stream_caption_encode
-from pipeline.stages.filter import run_filter
-from pipeline.stages.ingest import run_ingest
-from pipeline.stages.split import run_split
-from pipeline.stream import STREAMED, first_stream_unfit, stream_first_stages
+from pipeline.stages import caption, encode, filter, ingest, split  # noqa: A004 - the stage module
+from pipeline.stream import FIRST_STAGES
 
 log = logging.getLogger("recap")
 
 
-STAGE_ORDER = ("ingest", "split", "filter", "caption", "encode")
-AVAILABLE_STAGES = ("ingest", "split", "filter", "caption", "encode")
-
-
-def _encode_meta(state: dict[str, Any]) -> dict[str, Any]:
-    """The VAE facts an encode run recorded (what a repair that encodes nothing new must report again)."""
-    bookkeeping = {"seconds", "counts", "rejects_by_reason", "status", "fingerprint", "settings", "updated_at"}
-    bookkeeping |= {"started_at", "finished_at"}
-    return {k: v for k, v in state.items() if k not in bookkeeping and k != "repaired"}
+# The stages in order, and the runs of consecutive stages that stream as one pipeline when all run together.
+STAGES: dict[str, Stage] = {s.name: s for s in (ingest.STAGE, split.STAGE, filter.STAGE, caption.STAGE, encode.STAGE)}
+STREAMS: tuple[StreamGroup, ...] = (FIRST_STAGES, encode.CAPTION_ENCODE)
+STAGE_ORDER = tuple(STAGES)
+AVAILABLE_STAGES = STAGE_ORDER
 
 
 DECODER_FAILURES = (RejectReason.DECODER_CRASH.value, RejectReason.DECODE_TIMEOUT.value)
@@ -114,10 +114,8 @@ def run_pipeline(
         if not inputs:
             raise ValueError("the ingest stage needs --input (files, directories, globs or URIs)")
         uris = discover_inputs(inputs, config.ingest.extensions, skipped)  # fail on a bad input before Ray starts
-    elif "split" in chosen and not manifest.table_exists(output, "videos"):
-        raise StageInputError(f"no videos table under {output}/manifest: run `recap ingest` first")
-    elif chosen[0] == "filter" and not manifest.table_exists(output, "clips"):
-        raise StageInputError(f"no clips table under {output}/manifest: run `recap split` first")
+    elif (needs := STAGES[chosen[0]].needs) and not manifest.table_exists(output, needs[0]):
+        raise StageInputError(needs[1].format(output=output))
     # Everything from here writes OUT (a dry run writes nothing): under the corpus's writer lease.
     if dry_run:
         taken: Any = contextlib.nullcontext(None)
@@ -189,14 +187,13 @@ def run_pipeline(
                 log.warning(
                     "recap: %s finished earlier but its outputs are missing: %s; redoing", stage, ", ".join(gone)
                 )
-                action, repaired = (
-                    ("resume", gone) if stage == "encode" and gone[0].startswith("shards/") else ("run", gone)
-                )
+                fixable = STAGES[stage].repairable
+                action, repaired = ("resume", gone) if fixable and fixable(gone) else ("run", gone)
             if action == "run":
                 state.mark_stale_after(stage, cfg_dict)
             checkpoint = StageCheckpoint(output, stage, fp, guard=getattr(held, "check", None))
-            if repaired and action == "resume":  # keep the intact shards; re-encode the samples of the others
-                seed_encode_checkpoint(output, checkpoint, _encode_meta(state.stages()[stage]))
+            if repaired and action == "resume":  # keep what is intact; redo only what is missing
+                STAGES[stage].repair(output, checkpoint, state.stages()[stage])  # type: ignore[misc]
             state.start(stage, fp, settings, cfg_dict, started_at)
             return fp, checkpoint, repaired
 
@@ -220,31 +217,95 @@ def run_pipeline(
             checkpoint.clear()
             results.append(result)
 
+        def run_one(stage: str, settings: dict[str, Any], begun: Any, restart: bool = False) -> None:
+            """Run a begun stage alone (`restart`: begun with a stream that did not happen: it starts now)."""
+            if restart:
+                state.start(stage, begun[0], settings, cfg_dict)
+            with _infrastructure_stops(stage):
+                result = STAGES[stage].run(StageRun(config, output, begun[1], inputs, uris, skipped))
+            finish(stage, settings, begun, result)
+
         with RaySession(config, address):
-            if not dry_run and config.ray.streaming and _streams(config, state, plan, uris, force):
-                _run_streamed(config, output, inputs, uris or [], skipped, plan[:3], begin, finish)
-                plan = plan[3:]
-            handled: set[str] = set()  # stages a caption -> encode stream already finished (or skipped)
-            for stage, settings in plan:
-                if dry_run and stage == "filter":
-                    results.append(run_filter(config, output, dry_run=True))
+            i = 0
+            while i < len(plan):
+                stage, settings = plan[i]
+                if dry_run and STAGES[stage].dry_run is not None:
+                    results.append(STAGES[stage].dry_run(config, output))
+                    i += 1
                     continue
-                if stage in handled:
+                group = _stream_at(plan, i) if config.ray.streaming and not dry_run else None
+                if group is not None:
+                    i += _run_group(
+                        group,
+                        plan[i : i + len(group.stages)],
+                        config,
+                        output,
+                        inputs,
+                        uris,
+                        skipped,
+                        begin,
+                        finish,
+                        run_one,
+                    )
                     continue
                 begun = begin(stage, settings)
-                if begun is None:
-                    continue
-                later = dict(plan)
-                if stage == "caption" and "encode" in later and config.ray.streaming and not begun[1].parts():
-                    handled |= _run_caption_encode(
-                        config, output, state, settings, begun, later["encode"], begin, finish
-                    )
-                    if "caption" in handled:
-                        continue
-                with _infrastructure_stops(stage):
-                    result = _run_stage(stage, config, output, inputs, uris, begun[1], skipped)
-                finish(stage, settings, begun, result)
+                if begun is not None:
+                    run_one(stage, settings, begun)
+                i += 1
         return results
+
+
+def _stream_at(plan: list[tuple[str, dict[str, Any]]], i: int) -> StreamGroup | None:
+    """The stream group whose stages are the plan's from `i` on, if any."""
+    names = tuple(stage for stage, _ in plan[i:])
+    return next((g for g in STREAMS if names[: len(g.stages)] == g.stages), None)
+
+
+def _run_group(
+    group: StreamGroup,
+    plan: list[tuple[str, dict[str, Any]]],
+    config: RecapConfig,
+    output: str,
+    inputs: list[str] | None,
+    uris: list[str] | None,
+    skipped: dict[str, int],
+    begin: Any,
+    finish: Any,
+    run_one: Any,
+) -> int:
+    """Run a stream group's stages as one pipeline, then let each finish as it does alone (run.json: the stream's
+    start, each stage's own finish). When the pools do not fit the cluster, a stage was done earlier, or (a
+    group that does not resume) a stage has committed work, the stages begun so far run one at a time instead.
+    Returns how many of the plan's stages it took care of."""
+    names = ", ".join(group.stages)
+    if unfit := group.unfit(config):
+        log.warning("recap: %s run one after the other, not streamed: %s", names, unfit)
+        return 0
+    start, started_at = time.monotonic(), utc_now()
+    begun: dict[str, Any] = {}
+    for stage, settings in plan:
+        b = begin(stage, settings, started_at)
+        if b is None:  # done earlier with these settings (begin recorded it): the others run alone
+            break
+        begun[stage] = b
+    fresh = all(not b[1].parts() for b in begun.values())
+    if len(begun) < len(plan) or not (group.resumes or fresh):
+        for k, (stage, settings) in enumerate(plan[: len(begun)]):
+            run_one(stage, settings, begun[stage], restart=k > 0)
+        return len(begun) + (len(begun) < len(plan))
+    checkpoints = {stage: b[1] for stage, b in begun.items()}
+    progress = {s: stage_progress(config, s, 0, STAGES[s].unit, rate=STAGES[s].rate) for s in group.stages}
+    with _infrastructure_stops("/".join(group.stages)):
+        streamed = group.run(config, output, uris or [], checkpoints, progress)
+    for stage, settings in plan:
+        with _infrastructure_stops(stage):
+            run = StageRun(config, output, checkpoints[stage], inputs, uris, skipped, progress[stage])
+            result = STAGES[stage].run(run)
+        result.seconds = time.monotonic() - start  # from the stream's start: the stages overlap
+        result.resumed = streamed[stage].resumed
+        result.counts.update({k: v for k, v in streamed[stage].counts.items() if k in result.counts})
+        finish(stage, settings, begun[stage], result)
+    return len(plan)
 
 
 @contextlib.contextmanager
@@ -260,120 +321,3 @@ def _infrastructure_stops(what: str) -> Any:
             f"the {what} stage stopped: {failure} -- no video was rejected for it; fix the worker "
             "(install, runtime env, memory) and re-run the same command to resume"
         ) from None
-
-
-def _streams(
-    config: RecapConfig, state: RunState, plan: list[tuple[str, dict[str, Any]]], uris: list[str] | None, force: bool
-) -> bool:
-    """Whether `recap run` streams ingest, split and filter scoring together: all three are chosen and none was
-    finished earlier (a finished ingest leaves split and filter to run, resumed, one at a time)."""
-    if [stage for stage, _ in plan[:3]] != list(STREAMED):
-        return False
-    if unfit := first_stream_unfit(config):
-        log.warning("recap: ingest, split and filter run one after the other, not streamed: %s", unfit)
-        return False
-    upstream = None
-    for stage, settings in plan[:3]:
-        fp = fingerprint(settings, upstream, uris if stage == "ingest" else None)
-        action = state.decide(stage, fp, settings, force, uris)
-        if action == "skip":
-            return False
-        if action == "run":
-            return True  # the stages after a re-run one re-run too
-        upstream = fp
-    return True
-
-
-def _run_streamed(
-    config: RecapConfig,
-    output: str,
-    inputs: list[str] | None,
-    uris: list[str],
-    skipped: dict[str, int],
-    plan: list[tuple[str, dict[str, Any]]],
-    begin: Any,
-    finish: Any,
-) -> None:
-    """Ingest, split and filter scoring as one stream (pipeline.stream), then each stage finishes as it does alone,
-    in order: ingest writes `videos`, split `clips`, filter dedupes, decides and writes. run.json gets each stage's
-    start (the stream's) and its own finish."""
-    start, started_at = time.monotonic(), utc_now()
-    begun = {}
-    for stage, settings in plan:
-        b = begin(stage, settings, started_at)
-        assert b is not None, f"{stage} was to run, not be skipped"
-        begun[stage] = b
-    checkpoints = {stage: b[1] for stage, b in begun.items()}
-    units = {"ingest": ("files", None), "split": ("videos", "frames"), "filter": ("clips", None)}
-    progress = {s: stage_progress(config, s, 0, unit, rate=rate) for s, (unit, rate) in units.items()}
-    with _infrastructure_stops("ingest/split/filter"):
-        before = stream_first_stages(config, output, uris, checkpoints, progress)
-    for stage, settings in plan:
-        with _infrastructure_stops(stage):
-            result = _run_stage(stage, config, output, inputs, uris, checkpoints[stage], skipped, progress[stage])
-        result.seconds = time.monotonic() - start  # from the stream's start: the stages overlap
-        result.resumed = before[stage]
-        finish(stage, settings, begun[stage], result)
-
-
-def _run_caption_encode(
-    config: RecapConfig,
-    output: str,
-    state: RunState,
-    caption_settings: dict[str, Any],
-    caption_begun: tuple[str, StageCheckpoint, list[str] | None],
-    encode_settings: dict[str, Any],
-    begin: Any,
-    finish: Any,
-) -> set[str]:
-    """Caption and encode as one stream (`stream_caption_encode`) when both start fresh, then each finishes as it
-    does alone (finding nothing left but what a lost worker took). Returns the stages it finished or found
-    skipped; an encode with committed work leaves both to run one at a time."""
-    unfit = caption_encode_unfit(config)
-    if unfit:
-        log.warning("recap: caption and encode run one after the other, not streamed: %s", unfit)
-        return set()
-    start = time.monotonic()
-    encode_begun = begin("encode", encode_settings)
-    if encode_begun is None:
-        return {"encode"}  # done earlier with these settings (begin recorded it): caption runs alone
-    if encode_begun[1].parts():
-        return set()
-    started_at = state.stages()["caption"]["started_at"]
-    state.start("encode", encode_begun[0], encode_settings, config.to_dict(), started_at)
-    with _infrastructure_stops("caption/encode"):
-        stream_caption_encode(config, output, caption_begun[1], encode_begun[1])
-    for stage, settings, begun in (
-        ("caption", caption_settings, caption_begun),
-        ("encode", encode_settings, encode_begun),
-    ):
-        with _infrastructure_stops(stage):
-            result = _run_stage(stage, config, output, None, None, begun[1])
-        result.seconds = time.monotonic() - start  # from the stream's start: the stages overlap
-        result.resumed = 0  # both started fresh: everything was done in this command
-        if "resumed_shards" in result.counts:
-            result.counts["resumed_shards"] = 0
-        finish(stage, settings, begun, result)
-    return {"caption", "encode"}
-
-
-def _run_stage(
-    stage: str,
-    config: RecapConfig,
-    output: str,
-    inputs: list[str] | None,
-    uris: list[str] | None,
-    checkpoint: StageCheckpoint,
-    skipped: dict[str, int] | None = None,
-    progress: StageProgress | None = None,
-) -> StageResult:
-    if stage == "ingest":
-        inputs = list(inputs or [])
-        return run_ingest(config, inputs, output, uris, checkpoint=checkpoint, skipped=skipped, progress=progress)
-    if stage == "split":
-        return run_split(config, output, checkpoint=checkpoint, progress=progress)
-    if stage == "filter":
-        return run_filter(config, output, checkpoint=checkpoint, progress=progress)
-    if stage == "caption":
-        return run_caption(config, output, checkpoint=checkpoint)
-    return run_encode(config, output, checkpoint=checkpoint)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RecapConfig
-from pipeline.engine import map_stage
+from pipeline.engine import Streamed, StreamGroup, conform, map_stage
 from pipeline.errors import StorageError
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
@@ -31,8 +31,6 @@ from pipeline.stages.filter import (
 )
 from pipeline.stages.ingest import IngestStage
 from pipeline.stages.split import STORAGE_ERROR, SplitStage, clip_rows_from_results
-
-STREAMED = ("ingest", "split", "filter")  # the stages this pipeline runs, in order
 
 INGEST, SPLIT = "ingest", "split"  # columns carrying a video's ingest row and split result down the stream
 # The stream's last rows: one per video (clip_id null) with the results of ingest and split, one per scored clip.
@@ -59,15 +57,6 @@ def first_stream_unfit(config: RecapConfig) -> str | None:
         if enabled:
             pools[name] = resources
     return pools_fit(pools)
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with exactly `schema`'s columns; those it lacks are null."""
-    columns = {
-        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-        for f in schema
-    }
-    return pa.table(columns, schema=schema)
 
 
 class IngestInStream:
@@ -265,15 +254,15 @@ def stream_first_stages(
     uris: list[str],
     checkpoints: dict[str, StageCheckpoint],
     progress: dict[str, StageProgress],
-) -> dict[str, int]:
+) -> dict[str, Streamed]:
     """Ingest, split and score the files none of the checkpoints has, as one stream; returns how many items each
     stage had committed before (an interrupted run's: `resumed`)."""
     import ray.data
 
     before = {
-        "ingest": len(checkpoints["ingest"].done("uri")),
-        "split": len(checkpoints["split"].done("video_id")),
-        "filter": len(checkpoints["filter"].done("video_id")),
+        "ingest": Streamed(len(checkpoints["ingest"].done("uri"))),
+        "split": Streamed(len(checkpoints["split"].done("video_id"))),
+        "filter": Streamed(len(checkpoints["filter"].done("video_id"))),
     }
     done = checkpoints["ingest"].done("uri")
     todo = sorted(u for u in uris if u not in done)
@@ -294,3 +283,7 @@ def stream_first_stages(
     finally:
         ctx.execution_options.preserve_order = ordered
     return before
+
+
+# ingest -> split -> filter scoring as one pipeline; it continues stages an interrupted run left half done.
+FIRST_STAGES = StreamGroup(("ingest", "split", "filter"), stream_first_stages, first_stream_unfit, resumes=True)

@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.engine import StageResult, conform, stage_checkpoint, stage_progress
+from pipeline.engine import Stage, StageResult, StageRun, conform, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
+from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import CAPTION_FIELDS, CAPTIONS_TABLE_SCHEMA, REJECTS_SCHEMA, RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
@@ -490,8 +491,14 @@ def caption_todo(config: RecapConfig, output: str, checkpoint: StageCheckpoint) 
     return clips, todo, len(done)
 
 
-def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`."""
+def run_caption(
+    config: RecapConfig,
+    output: str,
+    checkpoint: StageCheckpoint | None = None,
+    progress: StageProgress | None = None,
+) -> StageResult:
+    """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`.
+    `progress`: a streaming run's line for this stage (what it committed is in `checkpoint`)."""
     import ray.data
 
     from captioner.prompts import load_prompt
@@ -506,7 +513,7 @@ def run_caption(config: RecapConfig, output: str, checkpoint: StageCheckpoint | 
     version = caption_version(cfg.model, prompt.version_id)
     checkpoint = stage_checkpoint(output, "caption", checkpoint)
     clips, todo, resumed = caption_todo(config, output, checkpoint)
-    progress = stage_progress(config, "caption", todo.num_rows, "clips")
+    progress = stage_progress(config, "caption", todo.num_rows, "clips", progress=progress)
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
         ds, _names = caption_pipeline(ds, todo.column_names, config, checkpoint.uri, clips.schema)
@@ -585,3 +592,15 @@ def finish_caption(
         info={"caption_version": version, "caption_model": cfg.model, "caption_prompt_version": prompt_version},
         resumed=resumed,
     )
+
+
+def _run(run: StageRun) -> StageResult:
+    return run_caption(run.config, run.output, checkpoint=run.checkpoint, progress=run.progress)
+
+
+STAGE = Stage(
+    "caption",
+    _run,
+    unit="clips",
+    needs=("clips", "no clips table under {output}/manifest: run `recap split` (and filter) first"),
+)

@@ -21,8 +21,18 @@ import pyarrow.compute as pc
 
 from pipeline import faults, manifest
 from pipeline.config import EncodeConfig, RecapConfig
-from pipeline.engine import StageResult, count_by, stage_checkpoint, stage_progress
+from pipeline.engine import (
+    Stage,
+    StageResult,
+    StageRun,
+    Streamed,
+    StreamGroup,
+    count_by,
+    stage_checkpoint,
+    stage_progress,
+)
 from pipeline.errors import StageInputError
+from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
 from pipeline.schema import REJECTS_SCHEMA, SAMPLES_SCHEMA, RejectReason, table_of
 from pipeline.stages.common import IsolatedStage, rows_of
@@ -664,8 +674,14 @@ def _encodable(clips: pa.Table) -> pa.Table:
     return clips.filter(mask)
 
 
-def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | None = None) -> StageResult:
-    """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards."""
+def run_encode(
+    config: RecapConfig,
+    output: str,
+    checkpoint: StageCheckpoint | None = None,
+    progress: StageProgress | None = None,
+) -> StageResult:
+    """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards.
+    `progress`: a streaming run's line for this stage (what it committed is in `checkpoint`)."""
     import ray.data
 
     from pipeline.shards import corpus
@@ -688,7 +704,7 @@ def run_encode(config: RecapConfig, output: str, checkpoint: StageCheckpoint | N
         return wanted.filter(pc.invert(pc.is_in(wanted.column("clip_id"), run.done_ids())))
 
     todo = left_to_do()
-    run.progress = stage_progress(config, "encode", todo.num_rows, "clips")
+    run.progress = stage_progress(config, "encode", todo.num_rows, "clips", progress=progress)
     # A shard writer that dies takes its unfinished shards with it: their clips are encoded again, at most
     # isolation.infrastructure_retries more times, before the stage gives up (a re-run resumes them).
     for attempt in range(config.isolation.infrastructure_retries + 1):
@@ -744,32 +760,39 @@ def caption_encode_unfit(config: RecapConfig) -> str | None:
 
 
 def stream_caption_encode(
-    config: RecapConfig, output: str, caption_checkpoint: StageCheckpoint, encode_checkpoint: StageCheckpoint
-) -> dict[str, int]:
+    config: RecapConfig,
+    output: str,
+    uris: list[str],
+    checkpoints: dict[str, StageCheckpoint],
+    progress: dict[str, StageProgress],
+) -> dict[str, Streamed]:
     """Caption and encode as ONE streaming Ray Data pipeline: clips -> caption decode -> caption model (-> CLIP
     match) -> encode decode -> VAE -> shard writers, each pool working while the one before it still produces.
 
     Both stages' checkpoints are filled as the writers' records arrive (caption parts, shards); the stages then
     finish as usual (`run_caption`, `run_encode` resume, finding (almost) nothing left). Only for fresh
-    checkpoints: a half-done stage resumes stage by stage. Returns how many clips each stage did here."""
+    checkpoints: a half-done stage resumes stage by stage. `uris` is not used (the stream reads `clips`)."""
     import ray.data
 
     from pipeline.stages.caption import RECORD_COLUMNS, caption_pipeline, caption_todo, commit_parts
 
+    caption_checkpoint, encode_checkpoint = checkpoints["caption"], checkpoints["encode"]
     clips, todo, _resumed = caption_todo(config, output, caption_checkpoint)
-    done = {"caption": 0, "encode": 0, "shards": 0}
+    # Both started fresh: nothing was resumed, and the shards encode finds committed are this stream's.
+    done = {"caption": Streamed(), "encode": Streamed(counts={"resumed_shards": 0})}
     if not todo.num_rows:
         return done
-    caption_progress = stage_progress(config, "caption", todo.num_rows, "clips")
+    caption_progress = progress["caption"]
+    caption_progress.grow(todo.num_rows)
     run = EncodeRun(config, output, encode_checkpoint, _samples_schema(clips))
-    run.progress = stage_progress(config, "encode", todo.num_rows, "clips")
+    run.progress = progress["encode"]
+    run.progress.grow(todo.num_rows)
 
     def on_captions(parts: dict[str, int]) -> None:
         new = {name: rows for name, rows in parts.items() if name not in seen}
         seen.update(new)
         commit_parts(caption_checkpoint, new)
         caption_progress.update(sum(new.values()))
-        done["caption"] += sum(new.values())
 
     seen: dict[str, int] = {}
     run.on_captions = on_captions
@@ -777,8 +800,35 @@ def stream_caption_encode(
     ds, names = caption_pipeline(ds, todo.column_names, config, caption_checkpoint.uri, clips.schema)
     ds, _names = encode_pipeline(ds, names, config, passthrough=RECORD_COLUMNS, skip="_skip")
     run.write(ds)
-    caption_progress.close()
-    run.progress.close()
-    done["encode"] = run.progress.done
-    done["shards"] = run.shards
     return done
+
+
+def _run(run: StageRun) -> StageResult:
+    return run_encode(run.config, run.output, checkpoint=run.checkpoint, progress=run.progress)
+
+
+def _repairable(gone: list[str]) -> bool:
+    """Missing or damaged shards are redone alone (their samples encoded again); a missing table, whole."""
+    return gone[0].startswith("shards/")
+
+
+def _repair(output: str, checkpoint: StageCheckpoint, previous: dict[str, Any]) -> None:
+    """Seed the checkpoint with the intact shards and the VAE facts the finished run recorded (a repair that
+    encodes nothing new reports them again)."""
+    from pipeline.resume import seed_encode_checkpoint
+
+    bookkeeping = {"seconds", "counts", "rejects_by_reason", "status", "fingerprint", "settings", "updated_at"}
+    bookkeeping |= {"started_at", "finished_at", "repaired"}
+    seed_encode_checkpoint(output, checkpoint, {k: v for k, v in previous.items() if k not in bookkeeping})
+
+
+STAGE = Stage(
+    "encode",
+    _run,
+    unit="clips",
+    needs=("clips", "no clips table under {output}/manifest: run the earlier stages first"),
+    repairable=_repairable,
+    repair=_repair,
+)
+# caption -> encode as one pipeline (only when both start fresh).
+CAPTION_ENCODE = StreamGroup(("caption", "encode"), stream_caption_encode, caption_encode_unfit, resumes=False)

@@ -27,7 +27,9 @@ import pyarrow.compute as pc
 from pipeline import manifest
 from pipeline.config import FilterConfig, RecapConfig
 from pipeline.engine import (
+    Stage,
     StageResult,
+    StageRun,
     map_stage,
     read_parquet,
     rebuild_table,
@@ -739,3 +741,20 @@ def run_filter(
         rejects_by_reason=rebuilt.rejects_by_reason,
         resumed=resumed,
     )
+
+
+def _run(run: StageRun) -> StageResult:
+    return run_filter(run.config, run.output, checkpoint=run.checkpoint, progress=run.progress)
+
+
+def _dry_run(config: RecapConfig, output: str) -> StageResult:
+    return run_filter(config, output, dry_run=True)
+
+
+STAGE = Stage(
+    "filter",
+    _run,
+    unit="clips",
+    needs=("clips", "no clips table under {output}/manifest: run `recap split` first"),
+    dry_run=_dry_run,
+)

@@ -13,7 +13,16 @@ import pyarrow as pa
 
 from pipeline import manifest
 from pipeline.config import RecapConfig
-from pipeline.engine import StageResult, count_by, map_stage, rejects_from, stage_checkpoint, stage_progress
+from pipeline.engine import (
+    Stage,
+    StageResult,
+    StageRun,
+    count_by,
+    map_stage,
+    rejects_from,
+    stage_checkpoint,
+    stage_progress,
+)
 from pipeline.io.sources import discover_inputs
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
@@ -132,3 +141,13 @@ def run_ingest(
         info={"inputs": list(inputs)} | ({"skipped": dict(sorted(skipped.items()))} if skipped else {}),
         resumed=len(uris) - len(todo),
     )
+
+
+def _run(run: StageRun) -> StageResult:
+    inputs = list(run.inputs or [])
+    return run_ingest(
+        run.config, inputs, run.output, run.uris, checkpoint=run.checkpoint, skipped=run.skipped, progress=run.progress
+    )
+
+
+STAGE = Stage("ingest", _run, unit="files")

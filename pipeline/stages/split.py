@@ -21,7 +21,9 @@ import pyarrow.compute as pc
 from pipeline import manifest
 from pipeline.config import RecapConfig, SplitConfig
 from pipeline.engine import (
+    Stage,
     StageResult,
+    StageRun,
     conform,
     map_stage,
     read_parquet,
@@ -409,3 +411,16 @@ def _update_videos_after_split(output: str, videos: pa.Table, split_results: pa.
                 reject_detail=res["reject_detail"],
             )
     manifest.write_table(output, "videos", pa.Table.from_pylist(rows, schema=VIDEOS_SCHEMA), prefix="videos")
+
+
+def _run(run: StageRun) -> StageResult:
+    return run_split(run.config, run.output, checkpoint=run.checkpoint, progress=run.progress)
+
+
+STAGE = Stage(
+    "split",
+    _run,
+    unit="videos",
+    rate="frames",
+    needs=("videos", "no videos table under {output}/manifest: run `recap ingest` first"),
+)
