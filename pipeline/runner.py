@@ -235,20 +235,12 @@ def run_pipeline(
                     continue
                 group = _stream_at(plan, i) if config.ray.streaming and not dry_run else None
                 if group is not None:
-                    i += _run_group(
-                        group,
-                        plan[i : i + len(group.stages)],
-                        config,
-                        output,
-                        inputs,
-                        uris,
-                        skipped,
-                        begin,
-                        finish,
-                        run_one,
-                    )
-                    continue
-                begun = begin(stage, settings)
+                    took = plan[i : i + len(group.stages)]
+                    handled = _run_group(group, took, config, output, inputs, uris, skipped, begin, finish, run_one)
+                    if handled:
+                        i += handled
+                        continue
+                begun = begin(stage, settings)  # alone (a group that does not fit the cluster: its first stage)
                 if begun is not None:
                     run_one(stage, settings, begun)
                 i += 1
@@ -276,7 +268,8 @@ def _run_group(
     """Run a stream group's stages as one pipeline, then let each finish as it does alone (run.json: the stream's
     start, each stage's own finish). When the pools do not fit the cluster, a stage was done earlier, or (a
     group that does not resume) a stage has committed work, the stages begun so far run one at a time instead.
-    Returns how many of the plan's stages it took care of."""
+    Returns how many of the plan's stages it took care of (0: none, the pools do not fit; the caller runs them
+    one at a time)."""
     names = ", ".join(group.stages)
     if unfit := group.unfit(config):
         log.warning("recap: %s run one after the other, not streamed: %s", names, unfit)

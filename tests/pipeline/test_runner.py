@@ -114,6 +114,30 @@ def test_real_videos_through_ray(ray_session, videos_dir, smoke_config, tmp_path
     assert first_after_cut["start_s"] == pytest.approx(30 * 1001 / 30000, abs=1e-6)
 
 
+def test_a_stream_that_does_not_fit_runs_its_stages_one_at_a_time(
+    ray_session, sample_videos, smoke_config, tmp_path, monkeypatch, caplog
+):
+    """When a stream group's pools do not fit the cluster, its stages run one after the other (each with its own
+    start), and the run ends: the group is not tried again and again."""
+    import json
+
+    from pipeline import runner
+    from pipeline.engine import StreamGroup
+
+    first = runner.STREAMS[0]
+    unfit = StreamGroup(first.stages, first.run, lambda config: "too big for this test", first.resumes)
+    monkeypatch.setattr(runner, "STREAMS", (unfit, *runner.STREAMS[1:]))
+    root, _truth = sample_videos
+    video = sorted(root.glob("*.mp4"))[0]
+    out = tmp_path / "unfit"
+    results = run_pipeline(smoke_config, str(out), inputs=[str(video)], stages=["ingest", "split", "filter"])
+    assert [r.stage for r in results] == ["ingest", "split", "filter"]
+    assert "not streamed: too big for this test" in caplog.text
+    stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
+    assert stages["ingest"]["finished_at"] <= stages["split"]["started_at"] <= stages["filter"]["started_at"]
+    assert {s["status"] for s in stages.values()} == {"done"}
+
+
 def test_split_without_ingest_says_what_to_do(ray_session, smoke_config, tmp_path):
     with pytest.raises(StageInputError, match="recap ingest"):
         run_pipeline(smoke_config, str(tmp_path / "nothing"), stages=["split"])
