@@ -288,7 +288,7 @@ def pools_fit(pools: dict[str, Resources]) -> str | None:
     return f"its pools ask for {' and '.join(short)}: {asked}"
 
 
-# A table rebuild: Ray Data actors turn a stage's committed results into the rows of a table (and its rejects)
+# A table rebuild: Ray Data tasks turn a stage's committed results into the rows of a table (and its rejects)
 # and write them as Parquet parts; the driver only links the parts in. How much each actor asks for and how many
 # rows go into one part.
 REBUILD_RESOURCES = Resources(num_cpus=0.5, concurrency=2, batch_size=50_000)
@@ -304,53 +304,90 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
-class TablePartWriter:
-    """One actor of a table rebuild: `transform` (a class built once per actor, called on each batch) gives the
-    batch's table rows and reject rows (or None); both are written as Parquet parts named by the rows' keys, so
-    a retried batch rewrites the same files. Returns one record: the part, its rows, how many passed, and the
-    reject counts by reason (JSON)."""
+def write_table_part(
+    batch: pa.Table | dict[str, Any], transform: Any, args: tuple, work_uri: str, schema: pa.Schema, key: str
+) -> pa.Table:
+    """One batch of a table rebuild, as a Ray task: `transform(*args)` (None: the batch as it is) gives the batch's
+    table rows and reject rows (or None); both are written as Parquet parts named by the rows' keys, so a retried
+    batch rewrites the same files. Returns one record: the part, its rows, how many passed, and the reject counts
+    by reason (JSON). Tasks, not actors: a rebuild starts no process of its own."""
+    import hashlib
+    import json
 
-    def __init__(self, transform: Any, args: tuple, work_uri: str, schema: pa.Schema, key: str):
-        self.transform = transform(*args) if transform is not None else None
-        self.work, self.schema, self.key = work_uri.rstrip("/"), schema, key
+    from pipeline import manifest
 
-    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
-        import hashlib
-        import json
-
-        from pipeline import manifest
-
-        batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
-        rows, rejects = self.transform(batch) if self.transform is not None else (batch, None)
-        rows = conform(rows, self.schema)
-        rejects = conform(rejects, REJECTS_SCHEMA) if rejects is not None else REJECTS_SCHEMA.empty_table()
-        ids = rows.column(self.key) if rows.num_rows else rejects.column("item_id")
-        if not len(ids):
-            return REBUILD_RECORD_SCHEMA.empty_table()
-        name = hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()[:16] + ".parquet"
-        if rows.num_rows:
-            manifest.write_part(f"{self.work}/rows", name, rows)
-        if rejects.num_rows:
-            manifest.write_part(f"{self.work}/rejects", name, rejects)
-        passed = int(pc.sum(rows.column("passed")).as_py() or 0) if "passed" in rows.column_names else rows.num_rows
-        reasons = pc.value_counts(rejects.column("reason")).to_pylist() if rejects.num_rows else []
-        record = {
-            "part": [name],
-            "rows": [rows.num_rows],
-            "passed": [passed],
-            "rejects": [json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True)],
-        }
-        return pa.table(record, schema=REBUILD_RECORD_SCHEMA)
+    batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
+    rows, rejects = transform(*args)(batch) if transform is not None else (batch, None)
+    rows = conform(rows, schema)
+    rejects = conform(rejects, REJECTS_SCHEMA) if rejects is not None else REJECTS_SCHEMA.empty_table()
+    ids = rows.column(key) if rows.num_rows else rejects.column("item_id")
+    if not len(ids):
+        return REBUILD_RECORD_SCHEMA.empty_table()
+    name = hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()[:16] + ".parquet"
+    work = work_uri.rstrip("/")
+    if rows.num_rows:
+        manifest.write_part(f"{work}/rows", name, rows)
+    if rejects.num_rows:
+        manifest.write_part(f"{work}/rejects", name, rejects)
+    passed = int(pc.sum(rows.column("passed")).as_py() or 0) if "passed" in rows.column_names else rows.num_rows
+    reasons = pc.value_counts(rejects.column("reason")).to_pylist() if rejects.num_rows else []
+    record = {
+        "part": [name],
+        "rows": [rows.num_rows],
+        "passed": [passed],
+        "rejects": [json.dumps({r["values"]: r["counts"] for r in reasons}, sort_keys=True)],
+    }
+    return pa.table(record, schema=REBUILD_RECORD_SCHEMA)
 
 
-def read_parquet(paths: list[str], fs: Any, schema: pa.Schema | None = None) -> Any:
-    """A Ray Data dataset over Parquet files of `fs` (an fsspec filesystem: local disk or an object store), read
-    by workers."""
-    import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+@dataclass(frozen=True)
+class Source:
+    """Parquet files a table rebuild reads (on the workers): their filesystem (fsspec), the schema to read them
+    with, and `prepare`, a function applied to each batch read before the rebuild's transform (e.g. keep only
+    some rows)."""
 
-    paths = [fs._strip_protocol(p) for p in paths]
-    return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), schema=schema)
+    paths: list[str]
+    fs: Any
+    schema: pa.Schema | None = None
+    prepare: Callable[[pa.Table], pa.Table] | None = None
+
+    def dataset(self) -> Any:
+        """A Ray Data dataset over the files, read (and prepared) by workers."""
+        import ray.data
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        paths = [self.fs._strip_protocol(p) for p in self.paths]
+        ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=self.schema)
+        if self.prepare is not None:
+            ds = ds.map_batches(self.prepare, batch_format="pyarrow", batch_size=None)
+        return ds
+
+    def read(self) -> pa.Table | None:
+        """All of it as one table, in this process (a worker's: see `rebuild_table`)."""
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path in self.paths:
+            with self.fs.open(self.fs._strip_protocol(path), "rb") as fh:
+                table = pq.read_table(fh, schema=self.schema)
+            tables.append(self.prepare(table) if self.prepare is not None else table)
+        return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+    def size(self) -> int:
+        return sum(self.fs.size(self.fs._strip_protocol(p)) for p in self.paths)
+
+
+def _rebuild_in_one_task(sources: list[Source], *args: Any) -> pa.Table:
+    """A small rebuild's one batch: the sources read whole in this (worker) process, then `write_table_part`."""
+    tables = [t for t in (src.read() for src in sources) if t is not None and t.num_rows]
+    if not tables:
+        return REBUILD_RECORD_SCHEMA.empty_table()
+    return write_table_part(pa.concat_tables(tables, promote_options="permissive"), *args)
+
+
+# Inputs up to this many bytes of Parquet are rebuilt by one Ray task (a Ray Data pipeline's start-up would cost
+# more than the work); larger ones by Ray Data, in parts of REBUILD_RESOURCES.batch_size rows.
+REBUILD_ONE_TASK_BYTES = 32 << 20
 
 
 @dataclass
@@ -364,24 +401,26 @@ def rebuild_table(
     output: str,
     name: str,
     stage: str,
-    ds: Any,
+    sources: list[Source],
     schema: pa.Schema,
     transform: Any = None,
     args: tuple = (),
     key: str = "clip_id",
     more_rejects: pa.Table | None = None,
     reject_parts: tuple[str, ...] = (),
+    one_task_bytes: int = REBUILD_ONE_TASK_BYTES,
 ) -> Rebuilt:
-    """Replace table `name` with the rows Ray Data workers make of `ds` (None: no input, an empty table) through
-    `transform` (see TablePartWriter), and the `stage` parts of `rejects` with the reject rows they make, plus
+    """Replace table `name` with the rows Ray workers make of `sources` (none: an empty table) through
+    `transform` (see write_table_part), and the `stage` parts of `rejects` with the reject rows they make, plus
     `more_rejects` (the driver's own, small) and `reject_parts` (files the stage's workers wrote). The workers
-    write the parts under `manifest/_work/<stage>/rebuild/`; the driver sees one small record per part and swaps
-    the parts in (linked, not copied). Run again after a crash, it starts over and replaces the same tables:
-    nothing is appended twice."""
+    read the sources and write the parts under `manifest/_work/<stage>/rebuild/` (one Ray task for inputs up to
+    `one_task_bytes`, else a Ray Data pipeline); the driver sees one small record per part and swaps the parts
+    in (linked, not copied). Run again after a crash, it starts over and replaces the same tables: nothing is
+    appended twice."""
     import json
 
     import pyarrow.dataset as pads
-    import ray.data
+    import ray
 
     from pipeline import manifest
 
@@ -397,31 +436,39 @@ def rebuild_table(
         for entry in reasons:
             done.rejects_by_reason[entry["values"]] = done.rejects_by_reason.get(entry["values"], 0) + entry["counts"]
 
-    if ds is not None:
-        r = REBUILD_RESOURCES
+    sources = [src for src in sources if src.paths]
+    part_args = (transform, args, work, schema, key)
+    r = REBUILD_RESOURCES
+    if not sources:
+        batches: list[pa.Table] = []
+    elif sum(src.size() for src in sources) <= one_task_bytes:
+        task = ray.remote(num_cpus=r.num_cpus)(_rebuild_in_one_task)
+        batches = [ray.get(task.remote(sources, *part_args))]
+    else:
+        datasets = [src.dataset() for src in sources]
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         ds = ds.map_batches(
-            TablePartWriter,
-            fn_constructor_args=(transform, args, work, schema, key),
+            write_table_part,
+            fn_args=part_args,
             batch_size=r.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=r.concurrency),
+            concurrency=r.concurrency,
             num_cpus=r.num_cpus,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for record in batch.to_pylist():
-                done.rows += record["rows"]
-                done.passed += record["passed"]
-                if record["rows"]:
-                    parts.append(f"{work}/rows/{record['part']}")
-                counts = json.loads(record["rejects"])
-                if counts:
-                    rejects.append(f"{work}/rejects/{record['part']}")
-                count([{"values": k, "counts": v} for k, v in counts.items()])
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    for batch in batches:
+        for record in batch.to_pylist():
+            done.rows += record["rows"]
+            done.passed += record["passed"]
+            if record["rows"]:
+                parts.append(f"{work}/rows/{record['part']}")
+            counts = json.loads(record["rejects"])
+            if counts:
+                rejects.append(f"{work}/rejects/{record['part']}")
+            count([{"values": k, "counts": v} for k, v in counts.items()])
     if reject_parts:
-        table = pads.dataset([manifest._fs(p)[1] for p in reject_parts], format="parquet", filesystem=fs).to_table(
-            columns=["reason"]
-        )
-        count(pc.value_counts(table.column("reason")).to_pylist())
+        reasons = pads.dataset([manifest._fs(p)[1] for p in reject_parts], format="parquet", filesystem=fs)
+        count(pc.value_counts(reasons.to_table(columns=["reason"]).column("reason")).to_pylist())
     if more_rejects is not None and more_rejects.num_rows:
         manifest.write_part(f"{work}/rejects", "driver.parquet", more_rejects.cast(REJECTS_SCHEMA))
         rejects.append(f"{work}/rejects/driver.parquet")

@@ -562,7 +562,9 @@ def finish_caption(
     """Publish the committed parts as the `captions` table (this version); Ray Data workers rebuild `clips` from
     the captioned clips' rows the caption actors wrote and the clips the stage did not take; publish the caption
     rejects the actors wrote."""
-    from pipeline.engine import read_parquet, rebuild_table
+    from functools import partial
+
+    from pipeline.engine import Source, rebuild_table
 
     cfg = config.caption
     names = committed_parts(checkpoint)
@@ -571,16 +573,13 @@ def finish_caption(
     )
     schema = clip_rows_schema(clips.schema)
     fs, clip_parts = manifest._fs(parts_dir(checkpoint.uri, "clips"))
-    captioned = read_parquet([f"{clip_parts}/{n}" for n in names], fs, schema) if names else None
+    captioned = Source([f"{clip_parts}/{n}" for n in names], fs, schema)
     table_fs, _ = manifest._fs(manifest.table_dir(output, "clips"))
-    others = read_parquet(manifest.table_files(output, "clips"), table_fs).map_batches(
-        uncaptioned_rows, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None
-    )
-    ds = others.union(captioned) if captioned is not None else others
+    others = Source(manifest.table_files(output, "clips"), table_fs, prepare=partial(uncaptioned_rows, schema=schema))
     _, reject_dir = manifest._fs(parts_dir(checkpoint.uri, "rejects"))
     written = {p.rsplit("/", 1)[-1] for p in fs.ls(reject_dir, detail=False)} if fs.exists(reject_dir) else set()
     reject_parts = tuple(f"{parts_dir(checkpoint.uri, 'rejects')}/{n}" for n in names if n in written)
-    rebuilt = rebuild_table(output, "clips", "caption", ds, schema, reject_parts=reject_parts)
+    rebuilt = rebuild_table(output, "clips", "caption", [others, captioned], schema, reject_parts=reject_parts)
     records = checkpoint.read(schema=PART_RECORD_SCHEMA)
     captioned_rows = int(pc.sum(records.column("rows")).as_py() or 0) if records is not None else 0
     rejected = sum(rebuilt.rejects_by_reason.values())

@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 from pipeline import manifest
 from pipeline.config import FilterConfig, RecapConfig
 from pipeline.engine import (
+    Source,
     Stage,
     StageResult,
     StageRun,
     map_stage,
-    read_parquet,
     rebuild_table,
     stage_checkpoint,
     stage_progress,
@@ -721,10 +721,9 @@ def run_filter(
                 rejects_by_reason=counts,
             )
         # Ray Data workers apply the decisions to the scored clips and write the clips table and the rejects.
-        parts = checkpoint.parts()
-        ds = read_parquet(parts, checkpoint.fs, FILTERED_CLIPS_SCHEMA) if parts else None
+        scored = Source(checkpoint.parts(), checkpoint.fs, FILTERED_CLIPS_SCHEMA)
         rebuilt = rebuild_table(
-            output, "clips", "filter", ds, FILTERED_CLIPS_SCHEMA, FilterDecisions, (thresholds, dropped)
+            output, "clips", "filter", [scored], FILTERED_CLIPS_SCHEMA, FilterDecisions, (thresholds, dropped)
         )
     finally:
         if dry_run:

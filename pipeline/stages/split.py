@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 from pipeline import manifest
 from pipeline.config import RecapConfig, SplitConfig
 from pipeline.engine import (
+    Source,
     Stage,
     StageResult,
     StageRun,
     conform,
     map_stage,
-    read_parquet,
     rebuild_table,
     rejects_from,
     stage_checkpoint,
@@ -355,8 +355,7 @@ def run_split(
     progress.close()
     # Every video's result, this run's and those an interrupted run committed: Ray Data workers turn them into
     # the clips table and the clip rejects; the driver reads only the per-video columns.
-    parts = checkpoint.parts()
-    ds = read_parquet(parts, checkpoint.fs, SPLIT_RESULT_SCHEMA) if parts else None
+    results = Source(checkpoint.parts(), checkpoint.fs, SPLIT_RESULT_SCHEMA)
     results_columns = [c for c in SPLIT_RESULT_SCHEMA.names if c != "clips_json"]
     committed = checkpoint.read(columns=results_columns)
     split_results = conform(
@@ -368,7 +367,7 @@ def run_split(
         output,
         "clips",
         "split",
-        ds,
+        [results],
         CLIPS_SCHEMA,
         SplitClipRows,
         (config.split.min_clip_s, config.split.min_clip_frames),

@@ -77,12 +77,26 @@ def test_good_files_are_split_into_clips(bad_run):
     assert summary["ingest"].info["skipped"] == {"extension .txt not in ingest.extensions": 1}
 
 
-def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp_path):
+def test_rerun_gives_identical_ids(ray_session, sample_videos, smoke_config, tmp_path, monkeypatch, caplog):
+    import json
+
+    from pipeline import runner
+    from pipeline.engine import StreamGroup
+
     root, truth = sample_videos
     first = tmp_path / "first"
     second = tmp_path / "second"
     ids_only = ["ingest", "split"]  # ids are fixed by these two stages; later ones have their own tests
-    run_pipeline(smoke_config, str(first), inputs=[str(root)], stages=ids_only)
+    # The first run has a stream group over exactly these stages whose pools never fit: its stages run one after
+    # the other (each with its own start) and the run ends (the group is not tried again and again).
+    never_fits = StreamGroup(("ingest", "split"), runner.STREAMS[0].run, lambda config: "too big for this test")
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "STREAMS", (never_fits, *runner.STREAMS))
+        run_pipeline(smoke_config, str(first), inputs=[str(root)], stages=ids_only)
+    assert "ingest, split run one after the other, not streamed: too big for this test" in caplog.text
+    stages = json.loads((first / "manifest" / "run.json").read_text())["stages"]
+    assert stages["ingest"]["finished_at"] <= stages["split"]["started_at"]
+    assert stages["ingest"]["status"] == stages["split"]["status"] == "done"
     run_pipeline(smoke_config, str(second), inputs=[str(root / "*.mp4")], stages=ids_only)
     for name, key in (("videos", "video_id"), ("clips", "clip_id")):
         a = sorted(_table(first, name).column(key).to_pylist())
@@ -112,30 +126,6 @@ def test_real_videos_through_ray(ray_session, videos_dir, smoke_config, tmp_path
     assert sorted({c["scene_start_frame"] for c in clips}) == [0, 30, 180, 394]
     first_after_cut = next(c for c in clips if c["start_frame"] == 30)
     assert first_after_cut["start_s"] == pytest.approx(30 * 1001 / 30000, abs=1e-6)
-
-
-def test_a_stream_that_does_not_fit_runs_its_stages_one_at_a_time(
-    ray_session, sample_videos, smoke_config, tmp_path, monkeypatch, caplog
-):
-    """When a stream group's pools do not fit the cluster, its stages run one after the other (each with its own
-    start), and the run ends: the group is not tried again and again."""
-    import json
-
-    from pipeline import runner
-    from pipeline.engine import StreamGroup
-
-    first = runner.STREAMS[0]
-    unfit = StreamGroup(first.stages, first.run, lambda config: "too big for this test", first.resumes)
-    monkeypatch.setattr(runner, "STREAMS", (unfit, *runner.STREAMS[1:]))
-    root, _truth = sample_videos
-    video = sorted(root.glob("*.mp4"))[0]
-    out = tmp_path / "unfit"
-    results = run_pipeline(smoke_config, str(out), inputs=[str(video)], stages=["ingest", "split", "filter"])
-    assert [r.stage for r in results] == ["ingest", "split", "filter"]
-    assert "not streamed: too big for this test" in caplog.text
-    stages = json.loads((out / "manifest" / "run.json").read_text())["stages"]
-    assert stages["ingest"]["finished_at"] <= stages["split"]["started_at"] <= stages["filter"]["started_at"]
-    assert {s["status"] for s in stages.values()} == {"done"}
 
 
 def test_split_without_ingest_says_what_to_do(ray_session, smoke_config, tmp_path):

@@ -114,3 +114,54 @@ def test_short_chunks_never_fall_below_min_clip_frames():
     cfg = SplitConfig(min_clip_s=0.0, max_clip_s=1.0, min_clip_frames=8)
     clips = plan_clips("c" * 16, [(0, 9)], _times(9), 0.9, 8.0, cfg, 9)  # 9 frames at 8 fps, max 8 per clip
     assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 9)]
+
+
+def test_clips_rebuilt_by_one_task_or_by_ray_data_are_the_same(ray_session, tmp_path):
+    """Split's committed per-video results become the clips table and its rejects on Ray workers: by one task for
+    a small input, by a Ray Data pipeline (in parts) for a large one; both give the same tables, and rebuilding
+    again replaces them (nothing appended)."""
+    import json
+
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from pipeline.engine import Source, rebuild_table
+    from pipeline.schema import CLIPS_SCHEMA, SPLIT_RESULT_SCHEMA
+    from pipeline.stages.split import SplitClipRows
+
+    def clip(video: str, i: int) -> dict:
+        short = i % 3 == 0
+        return {
+            "clip_id": f"{video}-{i:07d}-{i + 1:07d}",
+            "video_id": video,
+            "uri": f"/v/{video}.mp4",
+            "start_frame": i,
+            "end_frame": i + 1,
+            "passed": not short,
+            "reject_reason": "too_short" if short else None,
+        }
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for v in range(4):  # one committed file per video
+        video = f"{v:016x}"
+        row = {"video_id": video, "uri": f"/v/{video}.mp4", "status": "ok"}
+        row["clips_json"] = json.dumps([clip(video, i) for i in range(5)])
+        pq.write_table(pa.Table.from_pylist([row], schema=SPLIT_RESULT_SCHEMA), results / f"part-{v}.parquet")
+    source = Source(sorted(str(p) for p in results.iterdir()), fsspec.filesystem("file"), SPLIT_RESULT_SCHEMA)
+    tables = {}
+    for how, limit in (("one task", 1 << 30), ("ray data", 0), ("again", 0)):
+        out = tmp_path / ("one" if how == "one task" else "many")
+        done = rebuild_table(
+            str(out), "clips", "split", [source], CLIPS_SCHEMA, SplitClipRows, (1.0, 2), one_task_bytes=limit
+        )
+        assert (done.rows, done.passed, done.rejects_by_reason) == (20, 12, {"too_short": 8}), how
+        clips = pads.dataset(out / "manifest" / "clips").to_table().sort_by("clip_id")
+        rejects = pads.dataset(out / "manifest" / "rejects").to_table().sort_by("item_id")
+        tables[how] = (clips, rejects)
+        assert not (out / "manifest" / "_work" / "split" / "rebuild").exists()
+    assert tables["one task"][0].equals(tables["ray data"][0]) and tables["one task"][1].equals(tables["ray data"][1])
+    assert tables["again"][0].num_rows == 20 and tables["again"][1].num_rows == 8
+    assert tables["one task"][1].column("detail")[0].as_py().startswith("scene shorter than split.min_clip_s=1.0")
