@@ -25,10 +25,19 @@ VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
 
+_GIVEN: set[int] = set()  # ports handed out by this process: the OS may offer a port it just freed again
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port, never one this process handed out before (two of a node's agents on one port make its
+    `ray start` fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class LocalCluster:
