@@ -107,9 +107,9 @@ class LocalCluster:
             num_cpus=0,
         )  # fmt: skip
         self.wait_for(lambda: _accepts(self.port), "the head's GCS", timeout=90)
-        for n in range(workers):
+        for n in range(workers):  # one at a time: two raylets registering at once on one IP time out
             self._start([f"--address={self.address}"], f"worker{n}", num_cpus=cpus_per_worker)
-        self.wait_for(lambda: len(self.alive_nodes()) == 1 + workers, f"{1 + workers} alive nodes", timeout=90)
+            self.wait_for(lambda n=n: len(self.alive_nodes()) == 2 + n, f"{2 + n} alive nodes", timeout=90)
 
     def _get(self, path: str) -> dict | None:
         request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
