@@ -288,9 +288,9 @@ def pools_fit(pools: dict[str, Resources]) -> str | None:
     return f"its pools ask for {' and '.join(short)}: {asked}"
 
 
-# A table rebuild: Ray Data tasks turn a stage's committed results into the rows of a table (and its rejects)
-# and write them as Parquet parts; the driver only links the parts in. How much each actor asks for and how many
-# rows go into one part.
+# A table rebuild: Ray tasks turn a stage's committed results into the rows of a table (and its rejects) and
+# write them as Parquet parts; the driver only links the parts in. What each task asks for, how many run at once
+# (the Ray Data path), and how many rows go into one part.
 REBUILD_RESOURCES = Resources(num_cpus=0.5, concurrency=2, batch_size=50_000)
 REBUILD_RECORD_SCHEMA = pa.schema(
     [("part", pa.string()), ("rows", pa.int64()), ("passed", pa.int64()), ("rejects", pa.string())]
