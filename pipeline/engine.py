@@ -94,7 +94,9 @@ class StreamGroup:
     stages with committed work (else it streams only stages that start fresh)."""
 
     stages: tuple[str, ...]
-    run: Callable[[RecapConfig, str, list[str], dict[str, StageCheckpoint], dict[str, StageProgress]], dict]
+    run: Callable[
+        [RecapConfig, str, list[str], dict[str, StageCheckpoint], dict[str, StageProgress]], dict[str, Streamed]
+    ]
     unfit: Callable[[RecapConfig], str | None]
     resumes: bool = False
 
@@ -432,9 +434,12 @@ def rebuild_table(
     parts: list[str] = []
     rejects = list(reject_parts)
 
-    def count(reasons: list[dict[str, Any]]) -> None:
-        for entry in reasons:
-            done.rejects_by_reason[entry["values"]] = done.rejects_by_reason.get(entry["values"], 0) + entry["counts"]
+    def count(reasons: dict[str, int]) -> None:
+        for reason, n in reasons.items():
+            done.rejects_by_reason[reason] = done.rejects_by_reason.get(reason, 0) + n
+
+    def value_counts(column: Any) -> dict[str, int]:
+        return {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
 
     sources = [src for src in sources if src.paths]
     part_args = (transform, args, work, schema, key)
@@ -465,14 +470,14 @@ def rebuild_table(
             counts = json.loads(record["rejects"])
             if counts:
                 rejects.append(f"{work}/rejects/{record['part']}")
-            count([{"values": k, "counts": v} for k, v in counts.items()])
+            count(counts)
     if reject_parts:
         reasons = pads.dataset([manifest._fs(p)[1] for p in reject_parts], format="parquet", filesystem=fs)
-        count(pc.value_counts(reasons.to_table(columns=["reason"]).column("reason")).to_pylist())
+        count(value_counts(reasons.to_table(columns=["reason"]).column("reason")))
     if more_rejects is not None and more_rejects.num_rows:
         manifest.write_part(f"{work}/rejects", "driver.parquet", more_rejects.cast(REJECTS_SCHEMA))
         rejects.append(f"{work}/rejects/driver.parquet")
-        count(pc.value_counts(more_rejects.column("reason")).to_pylist())
+        count(value_counts(more_rejects.column("reason")))
     manifest.publish_parts(output, name, stage, sorted(parts), schema, replace_table=True)
     manifest.publish_parts(output, "rejects", stage, sorted(rejects), REJECTS_SCHEMA)
     if fs.exists(path):

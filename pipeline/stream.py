@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RecapConfig
-from pipeline.engine import Streamed, StreamGroup, conform, map_stage
+from pipeline.engine import Streamed, StreamGroup, conform, map_stage, pools_fit
 from pipeline.errors import StorageError
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
@@ -45,8 +45,6 @@ FILTER_INPUT_SCHEMA = pa.schema(
 
 def first_stream_unfit(config: RecapConfig) -> str | None:
     """Why ingest -> split -> filter cannot stream on this cluster (its pools do not fit at once), or None."""
-    from pipeline.engine import pools_fit
-
     f = config.filter
     pools = {"ingest": config.ingest.resources, "split": config.split.resources, "filter": f.resources}
     for name, enabled, resources in (

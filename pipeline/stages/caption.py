@@ -427,10 +427,8 @@ def caption_pipeline(
 
         env = runtime_env(cfg)
     model_resources = pools["caption"]
-    record = (
-        CaptionRecordStage,
-        (cfg_dict, work_uri, clip_rows_schema(clip_schema)),
-    )  # runs in the last caption actor: no pool of its own
+    # The record step runs in the last caption actor: no pool of its own.
+    record = (CaptionRecordStage, (cfg_dict, work_uri, clip_rows_schema(clip_schema)))
     ds, names = map_through(
         ds,
         names,
@@ -559,7 +557,7 @@ def finish_caption(
     start: float,
     resumed: int,
 ) -> StageResult:
-    """Publish the committed parts as the `captions` table (this version); Ray Data workers rebuild `clips` from
+    """Publish the committed parts as the `captions` table (this version); Ray workers rebuild `clips` from
     the captioned clips' rows the caption actors wrote and the clips the stage did not take; publish the caption
     rejects the actors wrote."""
     from functools import partial
@@ -581,7 +579,9 @@ def finish_caption(
     reject_parts = tuple(f"{parts_dir(checkpoint.uri, 'rejects')}/{n}" for n in names if n in written)
     rebuilt = rebuild_table(output, "clips", "caption", [others, captioned], schema, reject_parts=reject_parts)
     records = checkpoint.read(schema=PART_RECORD_SCHEMA)
-    captioned_rows = int(pc.sum(records.column("rows")).as_py() or 0) if records is not None else 0
+    # A part committed twice (a retried batch) counts once.
+    parts = records.group_by("part").aggregate([("rows", "max")]) if records is not None else None
+    captioned_rows = int(pc.sum(parts.column("rows_max")).as_py() or 0) if parts is not None else 0
     rejected = sum(rebuilt.rejects_by_reason.values())
     return StageResult(
         "caption",

@@ -28,6 +28,7 @@ from pipeline.engine import (
     Streamed,
     StreamGroup,
     count_by,
+    pools_fit,
     stage_checkpoint,
     stage_progress,
 )
@@ -583,7 +584,6 @@ class EncodeRun:
         self.received = 0  # bytes of writer results that reached the driver
         self.lost = 0  # shard writers that died
         self.progress: Any = None
-        self.shards = 0  # shards this run committed
         self.on_captions: Any = None  # a caption -> encode stream commits the caption parts here
 
     def _rejects_dir(self) -> str:
@@ -641,7 +641,6 @@ class EncodeRun:
             self.on_captions(result["captions"])
         if result["shards"]:
             self.checkpoint.commit(corpus.records_table(result["shards"]))
-            self.shards += len(result["shards"])
         self.rejects.extend(result["rejects"])
         if self.progress is not None:
             self.progress.update(result["rows"], rejected=len(result["rejects"]))
@@ -751,7 +750,6 @@ def finish_encode(run: EncodeRun, wanted: int, resumed: int, resumed_shards: int
 
 def caption_encode_unfit(config: RecapConfig) -> str | None:
     """Why caption -> encode cannot stream on this cluster (its pools do not fit at once), or None."""
-    from pipeline.engine import pools_fit
     from pipeline.stages.caption import caption_pools
 
     pools = caption_pools(config, bool(config.filter.clip.model))

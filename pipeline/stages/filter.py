@@ -720,7 +720,7 @@ def run_filter(
                 counts={"clips": len(rows), "considered": considered},
                 rejects_by_reason=counts,
             )
-        # Ray Data workers apply the decisions to the scored clips and write the clips table and the rejects.
+        # Ray workers apply the decisions to the scored clips and write the clips table and the rejects.
         scored = Source(checkpoint.parts(), checkpoint.fs, FILTERED_CLIPS_SCHEMA)
         rebuilt = rebuild_table(
             output, "clips", "filter", [scored], FILTERED_CLIPS_SCHEMA, FilterDecisions, (thresholds, dropped)

@@ -353,7 +353,7 @@ def run_split(
                 rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
             )
     progress.close()
-    # Every video's result, this run's and those an interrupted run committed: Ray Data workers turn them into
+    # Every video's result, this run's and those an interrupted run committed: Ray workers turn them into
     # the clips table and the clip rejects; the driver reads only the per-video columns.
     results = Source(checkpoint.parts(), checkpoint.fs, SPLIT_RESULT_SCHEMA)
     results_columns = [c for c in SPLIT_RESULT_SCHEMA.names if c != "clips_json"]
