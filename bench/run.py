@@ -96,13 +96,12 @@ def sequential(config_path: str, inputs: list[str], out: Path) -> tuple[float, i
     """The same stages, one process, no Ray: (seconds, samples written)."""
     import pyarrow as pa
 
-    from pipeline import manifest
     from pipeline.config import load_config
     from pipeline.schema import CLIPS_SCHEMA, FILTERED_CLIPS_SCHEMA
     from pipeline.shards.corpus import write_corpus_shards
     from pipeline.stages.caption import CaptionModelStage, CaptionPrepStage
     from pipeline.stages.encode import EncodeModelStage, EncodePrepStage
-    from pipeline.stages.filter import ClipModelStage, FilterScoreStage, _filter_decisions, _videos_with_clips
+    from pipeline.stages.filter import ClipModelStage, ClipsToScore, FilterScoreStage, _filter_decisions
     from pipeline.stages.ingest import IngestStage, mark_duplicates
     from pipeline.stages.split import SplitStage, clip_rows_from_results
 
@@ -114,8 +113,7 @@ def sequential(config_path: str, inputs: list[str], out: Path) -> tuple[float, i
     clips = clip_rows_from_results(
         SplitStage(c, None)(ok.select(["video_id", "uri", "num_frames", "num_frames_exact"]))
     )
-    manifest.write_table(str(out), "clips", pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA), prefix="split")
-    scored = FilterScoreStage(c)(_videos_with_clips(str(out)).drop_columns(["num_clips"]))
+    scored = FilterScoreStage(c)(ClipsToScore(False, [])(pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA)))
     if cfg.filter.clip.model:
         scored = ClipModelStage(c)(scored)
     if "frames_jpeg" in scored.column_names:

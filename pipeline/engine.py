@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from pipeline.config import RecapConfig, Resources
 from pipeline.errors import DecoderUnavailable, StageInputError
 from pipeline.progress import StageProgress
-from pipeline.resume import StageCheckpoint
+from pipeline.resume import StageCheckpoint, stage_part
 from pipeline.schema import REJECTS_SCHEMA, VideoStatus
 
 
@@ -182,9 +182,12 @@ def map_stage(
     constructor_args: tuple,
     runtime_env: dict | None = None,
     columns: tuple[str, ...] | None = None,
+    post: tuple[type, tuple] | None = None,
 ) -> Any:
     """`stage_cls` as an actor pool over `ds`. `columns`: what the stage before declares it outputs, so the check
-    of the stage's input columns needs no execution (`ds.schema()` of a mapped dataset runs its first block)."""
+    of the stage's input columns needs no execution (`ds.schema()` of a mapped dataset runs its first block).
+    `post` (a class and its arguments): a last step built in the same actors and applied to each output batch
+    (writing the batch's results where they belong, returning what the driver commits)."""
     import ray.data
 
     names = list(columns) if columns is not None else ds.schema().names
@@ -192,7 +195,7 @@ def map_stage(
     if missing:
         raise StageInputError(f"stage {stage_cls.name} needs columns {missing}; the input has {names}")
     return ds.map_batches(
-        stage_cls,
+        then(stage_cls, post) if post is not None else stage_cls,
         fn_constructor_args=constructor_args,
         batch_size=resources.batch_size,
         batch_format="pyarrow",
@@ -201,6 +204,21 @@ def map_stage(
         num_gpus=resources.num_gpus or None,
         runtime_env=runtime_env,
     )
+
+
+def then(stage_cls: type, post: tuple[type, tuple]) -> type:
+    """`stage_cls` whose output batches go through `post[0](*post[1])`, built once per actor."""
+
+    class Then(stage_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._post = post[0](*post[1])
+
+        def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+            return self._post(super().__call__(batch))
+
+    Then.__name__ = Then.__qualname__ = stage_cls.__name__  # Ray names the operator after it
+    return Then
 
 
 def through(
@@ -268,6 +286,23 @@ def map_through(
     ds = map_stage(ds, wrapped, resources, constructor_args, runtime_env, columns=tuple(names))
     names = [*stage_cls.output_schema.names, *kept]
     return ds, post[0].output_names(names) if post else names
+
+
+STAGED_RECORD_SCHEMA = pa.schema([("part", pa.string()), ("rows", pa.int64())])
+
+
+class StagedRows:
+    """A stage's last step (`map_stage(post=...)`): writes each output batch, as `schema`, as a staged part of the
+    stage's checkpoint (`work_uri`, parts named by the `key` columns' values); the driver gets one record per
+    batch (STAGED_RECORD_SCHEMA) and adopts the part, so the rows never reach it."""
+
+    def __init__(self, work_uri: str, schema: pa.Schema, key: tuple[str, ...]):
+        self.work, self.schema, self.key = work_uri, schema, key
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = conform(batch, self.schema)
+        name = stage_part(self.work, rows, self.key)
+        return pa.table({"part": [name], "rows": [rows.num_rows]}, schema=STAGED_RECORD_SCHEMA)
 
 
 def pools_fit(pools: dict[str, Resources]) -> str | None:
@@ -352,17 +387,42 @@ class Source:
     fs: Any
     schema: pa.Schema | None = None
     prepare: Callable[[pa.Table], pa.Table] | None = None
+    columns: list[str] | None = None  # read only these
 
     def dataset(self) -> Any:
-        """A Ray Data dataset over the files, read (and prepared) by workers."""
+        """A Ray Data dataset over the files, read (and prepared) by workers, streaming (a table rebuild's input)."""
         import ray.data
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         paths = [self.fs._strip_protocol(p) for p in self.paths]
-        ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=self.schema)
+        ds = ray.data.read_parquet(
+            paths, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=self.schema, columns=self.columns
+        )
         if self.prepare is not None:
             ds = ds.map_batches(self.prepare, batch_format="pyarrow", batch_size=None)
         return ds
+
+    def blocks(self, rows_per_block: int) -> Any:
+        """A stage's input: a Ray Data dataset of the prepared rows in blocks of at most `rows_per_block` (an
+        actor pool hands a block to one actor whole, so this is how the pool's actors all get work), read and
+        prepared by Ray tasks, one a file, that ask for no CPU: the stage's pools may hold every CPU of the
+        cluster (a pipeline is sized to fit) and a read waiting for one would never feed them (Ray Data's own
+        read and repartition operators ask for a CPU each). The blocks go to the object store; the driver
+        holds their references only."""
+        import dataclasses
+
+        import ray
+        import ray.data
+
+        read = ray.remote(num_cpus=0, num_returns="streaming")(_prepared_blocks)
+        streams = [read.remote(dataclasses.replace(self, paths=[path]), rows_per_block) for path in self.paths]
+        return ray.data.from_arrow_refs([block for stream in streams for block in stream])
+
+    def read_schema(self) -> pa.Schema:
+        """The files' schema (their footers; nothing read)."""
+        import pyarrow.dataset as pads
+
+        return self.schema or pads.dataset([self.fs._strip_protocol(p) for p in self.paths], filesystem=self.fs).schema
 
     def read(self) -> pa.Table | None:
         """All of it as one table, in this process (a worker's: see `rebuild_table`)."""
@@ -371,12 +431,56 @@ class Source:
         tables = []
         for path in self.paths:
             with self.fs.open(self.fs._strip_protocol(path), "rb") as fh:
-                table = pq.read_table(fh, schema=self.schema)
+                table = pq.read_table(fh, schema=self.schema, columns=self.columns)
             tables.append(self.prepare(table) if self.prepare is not None else table)
         return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
     def size(self) -> int:
         return sum(self.fs.size(self.fs._strip_protocol(p)) for p in self.paths)
+
+    def num_rows(self, where: pc.Expression | None = None) -> int:
+        """Rows in the files (from their footers, nothing read), or those matching `where` (a scan of the columns
+        it names, batch by batch)."""
+        import pyarrow.dataset as pads
+        import pyarrow.parquet as pq
+
+        if where is not None:
+            paths = [self.fs._strip_protocol(p) for p in self.paths]
+            return pads.dataset(paths, filesystem=self.fs, format="parquet").count_rows(filter=where) if paths else 0
+        rows = 0
+        for path in self.paths:
+            with self.fs.open(self.fs._strip_protocol(path), "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+        return rows
+
+    @classmethod
+    def table(cls, output: str, name: str, **kwargs: Any) -> Source:
+        """The files a reader of table `name` sees."""
+        from pipeline import manifest
+
+        fs, _ = manifest._fs(manifest.table_dir(output, name))
+        return cls(manifest.table_files(output, name), fs, **kwargs)
+
+
+def _prepared_blocks(source: Source, rows_per_block: int) -> Any:
+    """`Source.blocks`'s task: the source's rows, prepared, in slices of `rows_per_block` (at least one slice, empty
+    when nothing is left, so a dataset always has a block and its schema)."""
+    table = source.read()
+    if table is None:
+        table = pa.table({})
+    yield table.slice(0, rows_per_block)
+    for start in range(rows_per_block, table.num_rows, rows_per_block):
+        yield table.slice(start, rows_per_block)
+
+
+class RowsWhere:
+    """A `Source`'s `prepare` that keeps the rows matching an Arrow expression (e.g. not done yet)."""
+
+    def __init__(self, where: pc.Expression):
+        self.where = where
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(self.where)
 
 
 def _rebuild_in_one_task(sources: list[Source], *args: Any) -> pa.Table:

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults, manifest
@@ -147,11 +148,30 @@ class RunState:
         manifest.update_run_json(self.out, config, stage, info)
 
 
+STAGED = ".staged"  # a checkpoint's folder of parts workers wrote and the driver has not committed
+
+
+def stage_part(work_uri: str, table: pa.Table, key: tuple[str, ...]) -> str | None:
+    """On a worker: write `table` as a staged part of the checkpoint at `work_uri` (`StageCheckpoint.uri`), named
+    by a hash of its `key` columns, so a retried batch writes the same file; returns the name (None: no rows).
+    Nothing is committed until the driver adopts the part (`StageCheckpoint.adopt`)."""
+    if table.num_rows == 0:
+        return None
+    columns = [table.column(k).to_pylist() for k in key]
+    keys = "\n".join(sorted("\t".join(str(v) for v in row) for row in zip(*columns, strict=True)))
+    name = hashlib.sha256(keys.encode()).hexdigest()[:24] + ".parquet"
+    manifest.write_part(f"{work_uri.rstrip('/')}/{STAGED}", name, table)
+    return name
+
+
 class StageCheckpoint:
     """Committed results of a stage's finished work under `manifest/_work/<stage>/`, one Parquet part per commit.
 
     A part appears under its final name only when whole (temporary name, then rename); a checkpoint written
-    with another fingerprint is discarded on open.
+    with another fingerprint is discarded on open. Workers write their results as staged parts (`stage_part`)
+    which the driver commits by renaming them (`adopt`): the rows never pass through the driver. Opening a
+    checkpoint removes the staged parts a crash left uncommitted (like the temporary files, their names start
+    with a dot).
     """
 
     def __init__(self, out: str, stage: str, fp: str, guard: Any = None):
@@ -180,13 +200,38 @@ class StageCheckpoint:
             return
         if self.guard is not None:
             self.guard()
-        name = f"part-{self._seq:06d}-{uuid.uuid4().hex[:6]}.parquet"
-        tmp = f"{self.dir}/.{name}.tmp"
+        final = self._next_part()
+        tmp = f"{self.dir}/.{final.rsplit('/', 1)[-1]}.tmp"
         with self.fs.open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
-        self.fs.mv(tmp, f"{self.dir}/{name}")
+        self.fs.mv(tmp, final)
         self._seq += 1
         faults.after_commit(self.stage)
+
+    def _next_part(self) -> str:
+        return f"{self.dir}/part-{self._seq:06d}-{uuid.uuid4().hex[:6]}.parquet"
+
+    def adopt(self, name: str, keep: tuple[str, set[str]] | None = None) -> None:
+        """Commit the staged part `name` as it is (a rename); with `keep` (a column and its values to keep), only
+        those rows: the driver then reads the part and commits the rows it keeps itself, the rare path of a part
+        that mixes rows to commit with rows another file already committed (identical files)."""
+        staged = f"{self.dir}/{STAGED}/{name}"
+        if keep is not None:
+            with self.fs.open(staged, "rb") as fh:
+                table = pq.read_table(fh)
+            column, values = keep
+            self.commit(table.filter(pc.is_in(table.column(column), pa.array(sorted(values), pa.string()))))
+            self.discard(name)
+            return
+        if self.guard is not None:
+            self.guard()
+        self.fs.mv(staged, self._next_part())
+        self._seq += 1
+        faults.after_commit(self.stage)
+
+    def discard(self, name: str) -> None:
+        """Drop a staged part none of whose rows are to be committed."""
+        self.fs.rm(f"{self.dir}/{STAGED}/{name}")
 
     def read(self, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table | None:
         tables = []

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest
 from pipeline.config import CaptionConfig, RecapConfig
-from pipeline.engine import Stage, StageResult, StageRun, conform, stage_checkpoint, stage_progress
+from pipeline.engine import Source, Stage, StageResult, StageRun, conform, stage_checkpoint, stage_progress
 from pipeline.errors import StageInputError
 from pipeline.progress import StageProgress
 from pipeline.resume import StageCheckpoint
@@ -476,17 +476,37 @@ def read_parts(checkpoint: StageCheckpoint, columns: list[str] | None = None) ->
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def caption_todo(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> tuple[pa.Table, pa.Table, int]:
-    """(clips as the caption stage starts from: its own earlier decisions undone, caption columns dropped;
-    the clips still to caption; how many an interrupted run committed). Removes parts never committed."""
-    clips = undo_own_decisions(manifest.read_table(output, "clips"))
+class CaptionTodo:
+    """A `Source`'s `prepare`: the rows of `clips` the caption stage takes (passing once its own earlier decisions
+    are undone) that `done` (clips an interrupted run captioned) does not hold, caption columns dropped."""
+
+    def __init__(self, done: pa.Array):
+        self.where = taken_by_caption(done)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return undo_own_decisions(batch.filter(self.where))
+
+
+def taken_by_caption(done: pa.Array) -> pc.Expression:
+    """The rows the caption stage takes, as an Arrow expression (see `undo_own_decisions`), less `done`."""
+    own = pc.coalesce(pc.starts_with(pc.field("reject_reason"), "caption_"), False)
+    where = pc.coalesce(pc.field("passed"), False) | own
+    return where & ~pc.field("clip_id").isin(done) if len(done) else where
+
+
+def caption_todo(config: RecapConfig, output: str, checkpoint: StageCheckpoint) -> tuple[pa.Schema, Source, int, int]:
+    """(the schema of clips as the caption stage starts from, caption columns dropped; the clips still to caption,
+    as a Source the workers read, and how many; how many an interrupted run committed). Removes parts never
+    committed."""
     committed = set(committed_parts(checkpoint))
     for kind in PART_KINDS:
         manifest.remove_unlisted(parts_dir(checkpoint.uri, kind), committed)
-    done = read_parts(checkpoint, ["clip_id"]).column("clip_id")
-    todo = clips.filter(pc.equal(clips.column("passed"), True))
-    todo = todo.filter(pc.invert(pc.is_in(todo.column("clip_id"), done)))
-    return clips, todo, len(done)
+    done = read_parts(checkpoint, ["clip_id"]).column("clip_id").combine_chunks()
+    clips = Source.table(output, "clips")
+    caption_cols = {f.name for f in CAPTION_FIELDS}
+    schema = pa.schema([f for f in clips.read_schema() if f.name not in caption_cols])
+    todo = Source(clips.paths, clips.fs, prepare=CaptionTodo(done))
+    return schema, todo, clips.num_rows(taken_by_caption(done)), len(done)
 
 
 def run_caption(
@@ -497,7 +517,6 @@ def run_caption(
 ) -> StageResult:
     """Caption every passing clip; write the `captions` table (per version) and caption columns in `clips`.
     `progress`: a streaming run's line for this stage (what it committed is in `checkpoint`)."""
-    import ray.data
 
     from captioner.prompts import load_prompt
 
@@ -510,11 +529,11 @@ def run_caption(
     prompt = load_prompt(cfg.prompt)  # a bad prompt file fails here, before any actor starts
     version = caption_version(cfg.model, prompt.version_id)
     checkpoint = stage_checkpoint(output, "caption", checkpoint)
-    clips, todo, resumed = caption_todo(config, output, checkpoint)
-    progress = stage_progress(config, "caption", todo.num_rows, "clips", progress=progress)
-    if todo.num_rows:
-        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds, _names = caption_pipeline(ds, todo.column_names, config, checkpoint.uri, clips.schema)
+    schema, todo, count, resumed = caption_todo(config, output, checkpoint)
+    progress = stage_progress(config, "caption", count, "clips", progress=progress)
+    if count:
+        ds = todo.blocks(max(1, count // 1000))  # about a thousand blocks, read by the workers
+        ds, _names = caption_pipeline(ds, schema.names, config, checkpoint.uri, schema)
         # The driver takes the parts' names and the decisions, never the captions themselves.
         for batch in ds.select_columns(list(RECORD_COLUMNS)).iter_batches(batch_size=None, batch_format="pyarrow"):
             names = batch.column("_caption_part").to_pylist()
@@ -522,7 +541,7 @@ def run_caption(
             commit_parts(checkpoint, parts)
             progress.update(batch.num_rows, rejected=sum(batch.column("_skip").to_pylist()))
     progress.close()
-    return finish_caption(config, output, checkpoint, clips, version, prompt.version_id, start, resumed)
+    return finish_caption(config, output, checkpoint, schema, version, prompt.version_id, start, resumed)
 
 
 def undo_own_decisions(clips: pa.Table) -> pa.Table:
@@ -551,7 +570,7 @@ def finish_caption(
     config: RecapConfig,
     output: str,
     checkpoint: StageCheckpoint,
-    clips: pa.Table,
+    clips: pa.Schema,
     version: str,
     prompt_version: str,
     start: float,
@@ -562,18 +581,17 @@ def finish_caption(
     rejects the actors wrote."""
     from functools import partial
 
-    from pipeline.engine import Source, rebuild_table
+    from pipeline.engine import rebuild_table
 
     cfg = config.caption
     names = committed_parts(checkpoint)
     manifest.publish_parts(
         output, "captions", version, [f"{parts_dir(checkpoint.uri)}/{n}" for n in names], PART_SCHEMA
     )
-    schema = clip_rows_schema(clips.schema)
+    schema = clip_rows_schema(clips)
     fs, clip_parts = manifest._fs(parts_dir(checkpoint.uri, "clips"))
     captioned = Source([f"{clip_parts}/{n}" for n in names], fs, schema)
-    table_fs, _ = manifest._fs(manifest.table_dir(output, "clips"))
-    others = Source(manifest.table_files(output, "clips"), table_fs, prepare=partial(uncaptioned_rows, schema=schema))
+    others = Source.table(output, "clips", prepare=partial(uncaptioned_rows, schema=schema))
     _, reject_dir = manifest._fs(parts_dir(checkpoint.uri, "rejects"))
     written = {p.rsplit("/", 1)[-1] for p in fs.ls(reject_dir, detail=False)} if fs.exists(reject_dir) else set()
     reject_parts = tuple(f"{parts_dir(checkpoint.uri, 'rejects')}/{n}" for n in names if n in written)

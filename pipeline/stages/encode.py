@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 from pipeline import faults, manifest
 from pipeline.config import EncodeConfig, RecapConfig
 from pipeline.engine import (
+    RowsWhere,
+    Source,
     Stage,
     StageResult,
     StageRun,
@@ -659,18 +661,30 @@ class EncodeRun:
             self.save_rejects()
 
 
-def _samples_schema(clips: pa.Table) -> pa.Schema:
+def _samples_schema(clips: pa.Schema) -> pa.Schema:
     # The clip's scores ride along in the samples table, so a trainer can filter on them before reading shards.
-    return pa.schema(list(SAMPLES_SCHEMA) + [f for f in clips.schema if f.name.startswith("score_")])
+    return pa.schema(list(SAMPLES_SCHEMA) + [f for f in clips if f.name.startswith("score_")])
 
 
-def _encodable(clips: pa.Table) -> pa.Table:
-    """The clips the encode stage takes: passing, and captioned when the corpus is."""
-    clips = clips.drop_columns([c for c in ("phashes", "clip_embedding") if c in clips.column_names])
-    mask = pc.equal(clips.column("passed"), True)
-    if "caption" in clips.column_names:
-        mask = pc.and_(mask, pc.is_valid(clips.column("caption")))
-    return clips.filter(mask)
+NOT_ENCODED = ("phashes", "clip_embedding")  # clip columns the encode stage does not read
+
+
+def encodable(clips: pa.Schema, done: pa.Array | None = None) -> pc.Expression:
+    """Which rows of `clips` the encode stage takes: passing, captioned when the corpus is, and not in `done`."""
+    where = pc.field("passed") == True  # noqa: E712 - an Arrow expression, not a Python comparison
+    if "caption" in clips.names:
+        where = where & pc.field("caption").is_valid()
+    if done is not None and len(done):
+        where = where & ~pc.field("clip_id").isin(done)
+    return where
+
+
+def encode_input(clips: Source, done: pa.Array | None = None) -> tuple[Source, int]:
+    """The clips left to encode as a Source the workers read and filter (clips: the table's files), and how many."""
+    schema = clips.read_schema()
+    where = encodable(schema, done)
+    columns = [n for n in schema.names if n not in NOT_ENCODED]
+    return Source(clips.paths, clips.fs, columns=columns, prepare=RowsWhere(where)), clips.num_rows(where)
 
 
 def run_encode(
@@ -681,47 +695,42 @@ def run_encode(
 ) -> StageResult:
     """Encode every passing (and, when captioned, captioned) clip; shard writers on the workers write the shards.
     `progress`: a streaming run's line for this stage (what it committed is in `checkpoint`)."""
-    import ray.data
 
     from pipeline.shards import corpus
 
     start = time.monotonic()
     if not manifest.table_exists(output, "clips"):
         raise StageInputError(f"no clips table under {output}/manifest: run the earlier stages first")
-    clips = manifest.read_table(output, "clips")
-    wanted = _encodable(clips)
+    clips = Source.table(output, "clips")
     checkpoint = stage_checkpoint(output, "encode", checkpoint)
     records = corpus.committed_records(checkpoint)
     corpus.remove_orphans(output, checkpoint, set(records.column("shard").to_pylist()))
     resumed_shards = records.num_rows
     resumed = len(corpus.committed_keys(checkpoint, records))  # samples in shards an earlier pass finished
-    run = EncodeRun(config, output, checkpoint, _samples_schema(clips))
+    run = EncodeRun(config, output, checkpoint, _samples_schema(clips.read_schema()))
     if run.fallback:
         log.warning("recap: WARNING: %s", run.fallback)
-
-    def left_to_do() -> pa.Table:
-        return wanted.filter(pc.invert(pc.is_in(wanted.column("clip_id"), run.done_ids())))
-
-    todo = left_to_do()
-    run.progress = stage_progress(config, "encode", todo.num_rows, "clips", progress=progress)
+    wanted = encode_input(clips)[1]
+    todo, left = encode_input(clips, run.done_ids())
+    run.progress = stage_progress(config, "encode", left, "clips", progress=progress)
     # A shard writer that dies takes its unfinished shards with it: their clips are encoded again, at most
     # isolation.infrastructure_retries more times, before the stage gives up (a re-run resumes them).
     for attempt in range(config.isolation.infrastructure_retries + 1):
-        if not todo.num_rows:
+        if not left:
             break
         if attempt:
-            log.warning("recap: encoding %d clip(s) again that lost shard writers took with them", todo.num_rows)
-        ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds, _names = encode_pipeline(ds, todo.column_names, config)
+            log.warning("recap: encoding %d clip(s) again that lost shard writers took with them", left)
+        ds = todo.blocks(max(1, left // 1000))  # about a thousand blocks, read by the workers
+        ds, _names = encode_pipeline(ds, todo.columns, config)
         run.write(ds)
-        todo = left_to_do()
+        todo, left = encode_input(clips, run.done_ids())
     run.progress.close()
-    if todo.num_rows:
+    if left:
         raise RuntimeError(
-            f"encode: {todo.num_rows} clip(s) were lost with {run.lost} shard writer(s) that died; re-run the same "
+            f"encode: {left} clip(s) were lost with {run.lost} shard writer(s) that died; re-run the same "
             "command to encode them (the committed shards are kept)"
         )
-    return finish_encode(run, wanted.num_rows, resumed, resumed_shards, start)
+    return finish_encode(run, wanted, resumed, resumed_shards, start)
 
 
 def finish_encode(run: EncodeRun, wanted: int, resumed: int, resumed_shards: int, start: float) -> StageResult:
@@ -770,21 +779,20 @@ def stream_caption_encode(
     Both stages' checkpoints are filled as the writers' records arrive (caption parts, shards); the stages then
     finish as usual (`run_caption`, `run_encode` resume, finding (almost) nothing left). Only for fresh
     checkpoints: a half-done stage resumes stage by stage. `uris` is not used (the stream reads `clips`)."""
-    import ray.data
 
     from pipeline.stages.caption import RECORD_COLUMNS, caption_pipeline, caption_todo, commit_parts
 
     caption_checkpoint, encode_checkpoint = checkpoints["caption"], checkpoints["encode"]
-    clips, todo, _resumed = caption_todo(config, output, caption_checkpoint)
+    schema, todo, count, _resumed = caption_todo(config, output, caption_checkpoint)
     # Both started fresh: nothing was resumed, and the shards encode finds committed are this stream's.
     done = {"caption": Streamed(), "encode": Streamed(counts={"resumed_shards": 0})}
-    if not todo.num_rows:
+    if not count:
         return done
     caption_progress = progress["caption"]
-    caption_progress.grow(todo.num_rows)
-    run = EncodeRun(config, output, encode_checkpoint, _samples_schema(clips))
+    caption_progress.grow(count)
+    run = EncodeRun(config, output, encode_checkpoint, _samples_schema(schema))
     run.progress = progress["encode"]
-    run.progress.grow(todo.num_rows)
+    run.progress.grow(count)
 
     def on_captions(parts: dict[str, int]) -> None:
         new = {name: rows for name, rows in parts.items() if name not in seen}
@@ -794,8 +802,8 @@ def stream_caption_encode(
 
     seen: dict[str, int] = {}
     run.on_captions = on_captions
-    ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-    ds, names = caption_pipeline(ds, todo.column_names, config, caption_checkpoint.uri, clips.schema)
+    ds = todo.blocks(max(1, count // 1000))
+    ds, names = caption_pipeline(ds, schema.names, config, caption_checkpoint.uri, schema)
     ds, _names = encode_pipeline(ds, names, config, passthrough=RECORD_COLUMNS, skip="_skip")
     run.write(ds)
     return done

@@ -29,6 +29,7 @@ from pipeline.config import FilterConfig, RecapConfig
 from pipeline.engine import (
     Source,
     Stage,
+    StagedRows,
     StageResult,
     StageRun,
     map_stage,
@@ -422,75 +423,89 @@ SCRATCH_SCORED = "_filter_scored"  # scores before decisions; ignored by readers
 PREVIOUS_PREFIX = "previous:"  # marks a clip of an earlier corpus in near_duplicate_of
 
 
-def _videos_with_clips(output: str) -> pa.Table:
-    """One row per video with its clips as JSON: the filter decodes each video once."""
-    refilter = "filter_reasons" in manifest.table_columns(output, "clips")
-    columns = list(CLIPS_SCHEMA.names) + (["filter_reasons"] if refilter else [])
-    clips = manifest.read_table(output, "clips", columns=columns)
-    by_video: dict[str, dict[str, Any]] = {}
-    for row in clips.to_pylist():
-        if refilter:  # filtered before: undo that run's decisions, keep earlier stages' (too_short)
-            row["reject_reason"] = upstream_reason(row)
-            row["passed"] = row["reject_reason"] is None
-            del row["filter_reasons"]
-        entry = by_video.setdefault(
-            row["video_id"], {"video_id": row["video_id"], "uri": row["uri"], "fps": row["fps"], "clips": []}
+class ClipsToScore:
+    """`score_clips`'s input, made by Ray workers from the `clips` table as they read it: a batch of clip rows ->
+    one row per video with its clips still to score as JSON (the filter decodes a video once for all of them; a
+    video whose clips two batches hold is decoded once for each). `done`: clips an interrupted run scored."""
+
+    def __init__(self, refilter: bool, done: list[str]):
+        self.refilter = refilter  # filtered before: undo that run's decisions, keep earlier stages' (too_short)
+        self.done = pa.array(done, pa.string())
+
+    def __call__(self, clips: pa.Table) -> pa.Table:
+        if len(self.done):
+            clips = clips.filter(pc.invert(pc.is_in(clips.column("clip_id"), self.done)))
+        by_video: dict[str, dict[str, Any]] = {}
+        for row in clips.to_pylist():
+            if self.refilter:
+                row["reject_reason"] = upstream_reason(row)
+                row["passed"] = row["reject_reason"] is None
+                del row["filter_reasons"]
+            entry = by_video.setdefault(
+                row["video_id"], {"video_id": row["video_id"], "uri": row["uri"], "fps": row["fps"], "clips": []}
+            )
+            entry["clips"].append(row)
+        rows = sorted(by_video.values(), key=lambda e: -sum(c["end_frame"] - c["start_frame"] for c in e["clips"]))
+        return pa.table(
+            {
+                "video_id": pa.array([e["video_id"] for e in rows], pa.string()),
+                "uri": pa.array([e["uri"] for e in rows], pa.string()),
+                "fps": pa.array([e["fps"] for e in rows], pa.float64()),
+                "clips_json": pa.array([json.dumps(e["clips"]) for e in rows], pa.string()),
+            }
         )
-        entry["clips"].append(row)
-    rows = sorted(by_video.values(), key=lambda e: -sum(c["end_frame"] - c["start_frame"] for c in e["clips"]))
-    return pa.table(
-        {
-            "video_id": [e["video_id"] for e in rows],
-            "uri": [e["uri"] for e in rows],
-            "fps": pa.array([e["fps"] for e in rows], pa.float64()),
-            "clips_json": [json.dumps(e["clips"]) for e in rows],
-            "num_clips": [len(e["clips"]) for e in rows],
-        }
-    )
+
+
+def model_stages(f: FilterConfig) -> list[tuple[type, Any]]:
+    """The model scorers the config turns on (text, NSFW, CLIP), in the order they run, with their resources."""
+    return [
+        (stage_cls, resources)
+        for stage_cls, enabled, resources in (
+            (TextDetectStage, f.text.enabled, f.text.resources),
+            (NsfwDetectStage, f.nsfw.enabled, f.nsfw.resources),
+            (ClipModelStage, bool(f.clip.model), f.clip.resources),
+        )
+        if enabled
+    ]
 
 
 def score_clips(
     config: RecapConfig, output: str, checkpoint: StageCheckpoint, progress: StageProgress | None = None
 ) -> dict[str, int]:
-    """Score every clip on Ray, committing whole videos' scored clips to `checkpoint`; returns counts."""
-    import ray.data
+    """Score every clip the checkpoint does not have on Ray; the last scoring stage's actors write the scored clips
+    as staged parts of `checkpoint`, which the driver commits as they come. Returns counts."""
 
-    videos = _videos_with_clips(output)
-    expected = dict(zip(videos.column("video_id").to_pylist(), videos.column("num_clips").to_pylist(), strict=True))
-    done = checkpoint.done("video_id")
-    todo = videos.filter(pc.invert(pc.is_in(videos.column("video_id"), pa.array(sorted(done), pa.string()))))
-    total_clips = sum(todo.column("num_clips").to_pylist())
+    done = checkpoint.done("clip_id")
+    refilter = "filter_reasons" in manifest.table_columns(output, "clips")
+    columns = list(CLIPS_SCHEMA.names) + (["filter_reasons"] if refilter else [])
+    # Workers read the clips table (its clip columns only) and group the clips by video on the way.
+    clips = Source.table(output, "clips", columns=columns, prepare=ClipsToScore(refilter, sorted(done)))
+    total_clips = max(clips.num_rows() - len(done), 0)
     progress = stage_progress(config, "filter", total_clips, "clips", progress=progress)
-    # Ray may cut blocks anywhere between the two map stages: a video is committed once all its clips arrived.
-    partial: dict[str, list[pa.Table]] = {}
-    ready: list[pa.Table] = []
-    last_commit = time.monotonic()
-    if todo.num_rows:
-        ds = ray.data.from_arrow(todo.drop_columns(["num_clips"]), override_num_blocks=min(todo.num_rows, 1000))
-        ds = map_stage(ds, FilterScoreStage, config.filter.resources, (config.to_dict(),))
-        if config.filter.text.enabled:
-            ds = map_stage(ds, TextDetectStage, config.filter.text.resources, (config.to_dict(),))
-        if config.filter.nsfw.enabled:
-            ds = map_stage(ds, NsfwDetectStage, config.filter.nsfw.resources, (config.to_dict(),))
-        if config.filter.clip.model:
-            ds = map_stage(ds, ClipModelStage, config.filter.clip.resources, (config.to_dict(),))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if "frames_jpeg" in batch.column_names:
-                batch = batch.drop_columns(["frames_jpeg"])
-            ids = batch.column("video_id")
-            for video_id in pc.unique(ids).to_pylist():
-                rows = partial.setdefault(video_id, [])
-                rows.append(batch.filter(pc.equal(ids, video_id)))
-                if sum(t.num_rows for t in rows) >= expected[video_id]:
-                    ready.extend(partial.pop(video_id))
-            if ready and (sum(t.num_rows for t in ready) >= 1000 or time.monotonic() - last_commit > 30):
-                checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
-                ready, last_commit = [], time.monotonic()
-            progress.update(batch.num_rows)
-    if ready:
-        checkpoint.commit(pa.concat_tables(ready, promote_options="permissive"))
+    if total_clips:
+        cfg = config.to_dict()
+        f = config.filter
+        models = model_stages(f)
+        post = (StagedRows, (checkpoint.uri, FILTERED_CLIPS_SCHEMA, ("clip_id",)))
+        ds = map_stage(
+            clips.blocks(max(1, total_clips // 10_000)),  # about a thousand blocks of videos
+            FilterScoreStage,
+            f.resources,
+            (cfg,),
+            columns=("video_id", "uri", "fps", "clips_json"),  # what ClipsToScore makes
+            post=None if models else post,
+        )
+        for i, (stage_cls, resources) in enumerate(models):
+            last = i == len(models) - 1
+            ds = map_stage(
+                ds, stage_cls, resources, (cfg,), columns=tuple(SCORED_SCHEMA.names), post=post if last else None
+            )
+        for record in ds.iter_rows():
+            if record["part"] is not None:
+                checkpoint.adopt(record["part"])
+            progress.update(record["rows"])
     progress.close()
-    return {"clips": total_clips, "resumed_videos": len(done)}
+    return {"clips": total_clips, "resumed_clips": len(done)}
 
 
 def _band_rows(batch: pa.Table, thresholds: dict[str, Any], previous: bool, mirror: bool = True) -> pa.Table:
@@ -705,7 +720,7 @@ def run_filter(
             # Already scored: re-decide from the stored scores in seconds, nothing decoded.
             scored_paths = manifest.table_files(output, "clips")
         else:
-            resumed = score_clips(config, output, checkpoint, progress)["resumed_videos"]
+            resumed = score_clips(config, output, checkpoint, progress)["resumed_clips"]
             scored_paths = checkpoint.parts()
         dropped = find_near_duplicates(config, scored_paths, previous) if config.filter.dedup.enabled else {}
         if dry_run:

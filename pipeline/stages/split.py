@@ -34,7 +34,7 @@ from pipeline.engine import (
 )
 from pipeline.errors import StageInputError
 from pipeline.progress import StageProgress
-from pipeline.resume import StageCheckpoint
+from pipeline.resume import StageCheckpoint, stage_part
 from pipeline.scenes.detectors import Scene, build_detector
 from pipeline.schema import (
     CLIPS_SCHEMA,
@@ -273,6 +273,27 @@ def raise_storage_errors(results: pa.Table) -> pa.Table:
     return results
 
 
+class SplitParts:
+    """`run_split`'s last step, in the split actors: writes a batch's results (those whose clips could be written)
+    as a staged part of the split checkpoint (`work_uri`) and returns them without their clips, with each video's
+    count of clips and of clips too short, and the part's name (`_part`): the driver adopts the part, never reads
+    the clips."""
+
+    def __init__(self, work_uri: str):
+        self.work = work_uri
+
+    def __call__(self, results: pa.Table) -> pa.Table:
+        ok = results.filter(pc.not_equal(results.column("status"), STORAGE_ERROR))
+        name = stage_part(self.work, ok, ("uri",))
+        clips = [json.loads(text or "[]") for text in results.column("clips_json").to_pylist()]
+        return (
+            results.drop_columns(["clips_json"])
+            .append_column("clips", pa.array([len(c) for c in clips], pa.int64()))
+            .append_column("too_short", pa.array([sum(not r["passed"] for r in c) for c in clips], pa.int64()))
+            .append_column("_part", pa.array([name] * results.num_rows, pa.string()))
+        )
+
+
 def clip_rows_from_results(results: pa.Table) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for text in results.column("clips_json").to_pylist():
@@ -338,18 +359,18 @@ def run_split(
     progress = stage_progress(config, "split", todo.num_rows, "videos", rate="frames", progress=progress)
     if todo.num_rows:
         ds = ray.data.from_arrow(todo, override_num_blocks=min(todo.num_rows, 1000))
-        ds = map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir))
+        post = (SplitParts, (checkpoint.uri,))
+        ds = map_stage(ds, SplitStage, config.split.resources, (config.to_dict(), clips_dir), post=post)
+        # The actors write one row per finished video (its clips as JSON); the driver commits the parts' names.
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ok = pc.not_equal(batch.column("status"), STORAGE_ERROR)
-            checkpoint.commit(batch.filter(ok))  # one row per finished video, its clips as JSON
+            for name in pc.unique(batch.column("_part").drop_null()).to_pylist():
+                checkpoint.adopt(name)
             batch = raise_storage_errors(batch)
-            clip_rows = clip_rows_from_results(batch)
-            frames = sum(n or 0 for n in batch.column("num_frames").to_pylist())
             progress.update(
                 batch.num_rows,
-                frames=frames,
-                clips=len(clip_rows),
-                too_short=sum(not c["passed"] for c in clip_rows),
+                frames=pc.sum(batch.column("num_frames")).as_py() or 0,
+                clips=pc.sum(batch.column("clips")).as_py() or 0,
+                too_short=pc.sum(batch.column("too_short")).as_py() or 0,
                 rejected=sum(s != "ok" for s in batch.column("status").to_pylist()),
             )
     progress.close()
