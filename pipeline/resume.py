@@ -191,6 +191,7 @@ class StageCheckpoint:
             if path.rsplit("/", 1)[-1].startswith("."):  # a part whose write a crash interrupted
                 self.fs.rm(path, recursive=True)
         self._seq = len(self.parts())
+        self._taken: set[str] = set()  # staged parts adopted or discarded
 
     def parts(self) -> list[str]:
         return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".parquet"))
@@ -215,13 +216,16 @@ class StageCheckpoint:
         """Commit the staged part `name` as it is (a rename); with `keep` (a column and its values to keep), only
         those rows: the driver then reads the part and commits the rows it keeps itself, the rare path of a part
         that mixes rows to commit with rows another file already committed (identical files)."""
+        if name in self._taken:
+            return  # the same batch's record seen twice (a block Ray cut in two)
+        self._taken.add(name)
         staged = f"{self.dir}/{STAGED}/{name}"
         if keep is not None:
             with self.fs.open(staged, "rb") as fh:
                 table = pq.read_table(fh)
             column, values = keep
             self.commit(table.filter(pc.is_in(table.column(column), pa.array(sorted(values), pa.string()))))
-            self.discard(name)
+            self.fs.rm(staged)
             return
         if self.guard is not None:
             self.guard()
@@ -231,7 +235,9 @@ class StageCheckpoint:
 
     def discard(self, name: str) -> None:
         """Drop a staged part none of whose rows are to be committed."""
-        self.fs.rm(f"{self.dir}/{STAGED}/{name}")
+        if name not in self._taken:
+            self._taken.add(name)
+            self.fs.rm(f"{self.dir}/{STAGED}/{name}")
 
     def read(self, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table | None:
         tables = []
