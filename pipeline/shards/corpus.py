@@ -152,17 +152,23 @@ def keep_intact_shards(out: str, checkpoint: Any, damaged: set[str]) -> int:
     so a re-run re-encodes only the samples of the damaged ones. Returns how many samples were kept."""
     shards = manifest.read_table(out, "shards").select(SHARDS_SCHEMA.names)
     shards = shards.filter(pc.invert(pc.is_in(shards.column("shard"), pa.array(sorted(damaged), pa.string()))))
-    samples = manifest.read_table(out, "samples")
     fs, path = fsspec.core.url_to_fs(samples_dir(checkpoint.uri))
     fs.makedirs(path, exist_ok=True)
-    kept = 0
-    for name in shards.column("shard").to_pylist():
-        rows = samples.filter(pc.equal(samples.column("shard"), name))
-        with fs.open(f"{path}/{_stem(name)}.parquet", "wb") as fh:
-            pq.write_table(rows, fh, compression="zstd")
-        kept += rows.num_rows
+    # `publish` made each shard's samples file a part of the table (`part-<shard stem>.parquet`): linked back,
+    # not read. A table written otherwise (older runs) is split by shard here.
+    _, published = fsspec.core.url_to_fs(f"{manifest.table_dir(out, 'samples')}/samples")
+    names = shards.column("shard").to_pylist()
+    linked = [n for n in names if fs.exists(f"{published}/part-{_stem(n)}.parquet")]
+    for name in linked:
+        manifest._link_or_copy(fs, f"{published}/part-{_stem(name)}.parquet", f"{path}/{_stem(name)}.parquet")
+    rest = [n for n in names if n not in set(linked)]
+    if rest:
+        samples = manifest.read_table(out, "samples")
+        for name in rest:
+            with fs.open(f"{path}/{_stem(name)}.parquet", "wb") as fh:
+                pq.write_table(samples.filter(pc.equal(samples.column("shard"), name)), fh, compression="zstd")
     checkpoint.commit(shards)
-    return kept
+    return int(pc.sum(shards.column("num_samples")).as_py() or 0)
 
 
 def write_corpus_shards(
