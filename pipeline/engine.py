@@ -238,10 +238,6 @@ def through(
     pipeline's own (commit records, the skip flag), never a table's."""
 
     class Through(stage_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self._post = post[0](*post[1]) if post else None
-
         def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
             batch = batch if isinstance(batch, pa.Table) else pa.table(batch)
             skipped = None
@@ -260,11 +256,11 @@ def through(
             for name in passthrough:
                 if name not in out.column_names:
                     out = out.append_column(batch.schema.field(name), batch.column(name).take(where))
-            return self._post(out) if self._post is not None else out
+            return out
 
     Through.__name__ = Through.__qualname__ = stage_cls.__name__  # Ray names the operator after it
     Through.output_schema = stage_cls.output_schema
-    return Through
+    return then(Through, post) if post else Through
 
 
 def map_through(

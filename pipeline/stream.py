@@ -164,10 +164,6 @@ class StreamParts:
     def __init__(self, work: dict[str, str]):
         self.work = work
 
-    @staticmethod
-    def output_names(names: list[str]) -> list[str]:
-        return RECORD_SCHEMA.names
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         is_video = pc.is_null(batch.column("clip_id"))
         videos = batch.filter(is_video)
