@@ -64,7 +64,8 @@ class Stage:
     `unit`/`rate`: what its progress line counts; `needs`: the table it reads and what to say when it is missing
     (checked before anything starts when the command begins with this stage); `dry_run`: a run that writes
     nothing; `repairable`/`repair`: when outputs it made are missing, whether it can redo only those, seeding its
-    checkpoint with what is intact (else it runs again whole)."""
+    checkpoint with what is intact (else it runs again whole); `reopen`: `--retry-rejected`'s rebuild of its
+    checkpoint from its table, for the videos it keeps (see `resume.reopen_rejected`)."""
 
     name: str
     run: Callable[[StageRun], StageResult]
@@ -74,6 +75,7 @@ class Stage:
     dry_run: Callable[[RecapConfig, str], StageResult] | None = None
     repairable: Callable[[list[str]], bool] | None = None
     repair: Callable[[str, StageCheckpoint, dict[str, Any]], None] | None = None
+    reopen: Callable[[str, pa.Table, list[str], StageCheckpoint], None] | None = None
 
 
 @dataclass

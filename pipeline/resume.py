@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -317,15 +318,20 @@ def seed_encode_checkpoint(out: str, checkpoint: StageCheckpoint, meta: dict[str
     return kept
 
 
-def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dict[str, int]:
+def reopen_rejected(
+    out: str,
+    reasons: list[str],
+    config: dict[str, Any],
+    split_results: Callable[[pa.Table, list[str], StageCheckpoint], None] | None = None,
+) -> dict[str, int]:
     """Make the videos rejected for `reasons` (e.g. decoder_crash) work to do again, and nothing else.
 
     Ingest and split go back to "running" with their finished work committed as checkpoints minus those videos,
     so a resumed run probes or splits exactly them; the stages after split read a clips table that changes, so
-    they are marked stale (re-run). Returns how many videos each stage gives back."""
-    import json
-
-    from pipeline.schema import CLIPS_SCHEMA, SPLIT_RESULT_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
+    they are marked stale (re-run). `split_results(kept, again, checkpoint)` commits the split results of the
+    videos split keeps (`kept`: their per-video columns; their clips are in `clips`, which it reads on Ray
+    workers) less the video ids in `again`. Returns how many videos each stage gives back."""
+    from pipeline.schema import SPLIT_RESULT_SCHEMA, VIDEOS_SCHEMA, RejectReason, VideoStatus
 
     known = {r.value for r in RejectReason}
     unknown = [r for r in reasons if r not in known]
@@ -335,7 +341,7 @@ def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dic
     stages = state.stages()
     if "ingest" not in stages or not manifest.table_exists(out, "videos"):
         return {}
-    videos = manifest.read_table(out, "videos").select(VIDEOS_SCHEMA.names).to_pylist()
+    videos = manifest.read_table(out, "videos").select(VIDEOS_SCHEMA.names).to_pylist()  # a small table
     rejected_by: dict[str, str] = {}  # video_id -> the stage that rejected it (split wins over a duplicate's ingest)
     for r in manifest.read_table(out, "rejects", columns=["stage", "item_id"]).to_pylist():
         if r["stage"] == "split" or (r["stage"] == "ingest" and r["item_id"] not in rejected_by):
@@ -357,28 +363,19 @@ def reopen_rejected(out: str, reasons: list[str], config: dict[str, Any]) -> dic
         seed.append(row)
     _reopen(state, "ingest", pa.Table.from_pylist(seed, schema=VIDEOS_SCHEMA), config)
     if "split" in stages and manifest.table_exists(out, "clips"):
-        retried = {v["video_id"] for v in videos if v["uri"] in again}
-        clips: dict[str, list[dict[str, Any]]] = {}
-        for clip in manifest.read_table(out, "clips").to_pylist():
-            row = {name: clip.get(name) for name in CLIPS_SCHEMA.names}
-            row["reject_reason"] = "too_short" if clip.get("reject_reason") == "too_short" else None  # split's own
-            row["passed"] = row["reject_reason"] is None
-            clips.setdefault(clip["video_id"], []).append(row)
-        results: dict[str, dict[str, Any]] = {}
+        if split_results is None:
+            raise ValueError("reopen_rejected: split ran, its results are rebuilt by `split_results`")
+        retried = sorted({v["video_id"] for v in videos if v["uri"] in again})
+        kept: dict[str, dict[str, Any]] = {}
         for v in videos:
-            if v["video_id"] in retried or v["video_id"] in results:
+            if v["video_id"] in retried or v["video_id"] in kept:
                 continue
             if v["status"] == VideoStatus.OK.value:
-                rows = clips.get(v["video_id"], [])
-                results[v["video_id"]] = {
-                    **_result(v, "ok"),
-                    "num_frames": v["num_frames"],
-                    "clips_json": json.dumps(rows),
-                }
+                kept[v["video_id"]] = {**_result(v, "ok"), "num_frames": v["num_frames"]}
             elif rejected_by.get(v["video_id"]) == "split" and v["reject_reason"] != RejectReason.DUPLICATE_FILE.value:
-                results[v["video_id"]] = {**_result(v, v["status"]), "reject_reason": v["reject_reason"]}
-        results_table = pa.Table.from_pylist(list(results.values()), schema=SPLIT_RESULT_SCHEMA)
-        _reopen(state, "split", results_table, config)
+                kept[v["video_id"]] = {**_result(v, v["status"]), "reject_reason": v["reject_reason"]}
+        table = pa.Table.from_pylist(list(kept.values()), schema=SPLIT_RESULT_SCHEMA).drop_columns(["clips_json"])
+        _reopen(state, "split", None, config, lambda checkpoint: split_results(table, retried, checkpoint))
         state.mark_stale_after("split", config)
     else:
         state.mark_stale_after("ingest", config)
@@ -394,11 +391,21 @@ def _result(video: dict[str, Any], status: str) -> dict[str, Any]:
     }
 
 
-def _reopen(state: RunState, stage: str, done: pa.Table, config: dict[str, Any]) -> None:
-    """Commit a finished stage's results, less what is to be redone, as its checkpoint; mark it running."""
+def _reopen(
+    state: RunState,
+    stage: str,
+    done: pa.Table | None,
+    config: dict[str, Any],
+    fill: Callable[[StageCheckpoint], None] | None = None,
+) -> None:
+    """Commit a finished stage's results, less what is to be redone, as its checkpoint (`done`, or what `fill`
+    commits to it); mark it running."""
     info = state.stages()[stage]
     checkpoint = StageCheckpoint(state.out, stage, info["fingerprint"])
     for part in checkpoint.parts():
         checkpoint.fs.rm(part)
-    checkpoint.commit(done)
+    if done is not None:
+        checkpoint.commit(done)
+    if fill is not None:
+        fill(checkpoint)
     manifest.update_run_json(state.out, config, stage, {**info, "status": "running"})

@@ -10,6 +10,7 @@ needs, counts or repairs is declared by its module's `STAGE`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -128,13 +129,15 @@ def run_pipeline(
             timeout_s=config.lease.timeout_s,
             heartbeat_s=config.lease.heartbeat_s,
         )
-    with taken as held:
+    with taken as held, contextlib.ExitStack() as ray_up:  # Ray comes up early only for --retry-rejected
         if held is not None and held.taken_over and lease is None:
             log.warning("recap: %s", held.taken_over)
         for repaired in manifest.recover_tables(output):
             log.warning("recap: %s", repaired)
         if retry_rejected:
-            again = reopen_rejected(output, retry_rejected, config.to_dict())
+            ray_up.enter_context(RaySession(config, address))
+            split_results = functools.partial(STAGES["split"].reopen, output)  # type: ignore[arg-type]
+            again = reopen_rejected(output, retry_rejected, config.to_dict(), split_results)
             log.warning(
                 "recap: --retry-rejected %s: %d video(s) to probe again, %d to split again",
                 ",".join(retry_rejected),
@@ -225,7 +228,7 @@ def run_pipeline(
                 result = STAGES[stage].run(StageRun(config, output, begun[1], inputs, uris, skipped))
             finish(stage, settings, begun, result)
 
-        with RaySession(config, address):
+        with RaySession(config, address):  # (reuses the Ray of ray_up)
             i = 0
             while i < len(plan):
                 stage, settings = plan[i]

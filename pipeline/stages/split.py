@@ -332,6 +332,83 @@ class SplitClipRows:
         return rows, rejects
 
 
+# `reopen_results`'s rows: a kept video's split result (no clip) or one of its clips as split made it (JSON).
+_REOPEN_SCHEMA = pa.schema(
+    [*(SPLIT_RESULT_SCHEMA.field(c) for c in SPLIT_RESULT_SCHEMA.names if c != "clips_json")]
+    + [pa.field("start_frame", pa.int64()), pa.field("clip_json", pa.string())]
+)
+SPLIT_OWN_REASONS = (RejectReason.TOO_SHORT.value, RejectReason.DECODE_DAMAGED.value)  # clip verdicts of split
+
+
+class ClipsAsSplitMade:
+    """`reopen_results`'s read (a `Source` prepare, on the workers): `clips` rows, less the videos split does again,
+    as split made them (the later stages' verdicts undone), each as JSON in the rows of `_REOPEN_SCHEMA`."""
+
+    def __init__(self, again: list[str]):
+        self.again = again
+
+    def __call__(self, clips: pa.Table) -> pa.Table:
+        clips = clips.filter(pc.invert(pc.is_in(clips.column("video_id"), pa.array(self.again, pa.string()))))
+        texts = []
+        for row in clips.select(CLIPS_SCHEMA.names).to_pylist():
+            own = row["reject_reason"] in SPLIT_OWN_REASONS
+            row.update(reject_reason=row["reject_reason"] if own else None, passed=not own)
+            texts.append(json.dumps(row))
+        n = clips.num_rows
+        nulls = {c: pa.nulls(n, _REOPEN_SCHEMA.field(c).type) for c in ("status", "reject_reason", "reject_detail")}
+        columns = {
+            "video_id": clips.column("video_id"),
+            "uri": clips.column("uri"),
+            **nulls,
+            "num_frames": pa.nulls(n, pa.int64()),
+            "start_frame": clips.column("start_frame"),
+            "clip_json": pa.array(texts, pa.string()),
+        }
+        return pa.table(columns, schema=_REOPEN_SCHEMA)
+
+
+def _split_result_of(group: pa.Table) -> pa.Table:
+    """A `groupby("video_id")` group (its result row and its clip rows) -> the video's split result, its clips in
+    source order; nothing for clips without a result row (a video split does again)."""
+    head = group.filter(pc.is_null(group.column("clip_json")))
+    if head.num_rows == 0:
+        return SPLIT_RESULT_SCHEMA.empty_table()
+    row = head.slice(0, 1).drop_columns(["start_frame", "clip_json"]).to_pylist()[0]
+    clips = group.filter(pc.is_valid(group.column("clip_json")))
+    clips = clips.take(pc.sort_indices(clips, sort_keys=[("start_frame", "ascending")]))
+    row["clips_json"] = "[" + ", ".join(clips.column("clip_json").to_pylist()) + "]" if row["status"] == "ok" else None
+    return pa.Table.from_pylist([row], schema=SPLIT_RESULT_SCHEMA)
+
+
+def _stage_results(results: pa.Table, work_uri: str) -> pa.Table:
+    name = stage_part(work_uri, results, ("video_id",))
+    return pa.table({"_part": pa.array([name], pa.string())})
+
+
+def reopen_results(output: str, kept: pa.Table, again: list[str], checkpoint: StageCheckpoint) -> None:
+    """`--retry-rejected`: commit to split's `checkpoint` the results of the videos it keeps (`kept`: their
+    per-video columns, from the small `videos` table) with their clips rebuilt from `clips` by Ray workers (a
+    groupby on video_id joins each video's clip rows to its result; the parts are staged by workers and adopted
+    here); `again`: the video ids split does again, whose clips are left out. The driver never reads `clips`."""
+    import ray.data
+
+    if kept.num_rows == 0:
+        return
+    heads = kept.select([c for c in SPLIT_RESULT_SCHEMA.names if c != "clips_json"])
+    heads = heads.append_column("start_frame", pa.nulls(kept.num_rows, pa.int64()))
+    heads = heads.append_column("clip_json", pa.nulls(kept.num_rows, pa.string()))
+    parts = [ray.data.from_arrow(heads.cast(_REOPEN_SCHEMA))]
+    if manifest.table_exists(output, "clips"):
+        source = Source.table(output, "clips", columns=CLIPS_SCHEMA.names, prepare=ClipsAsSplitMade(sorted(again)))
+        parts.append(source.dataset())
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.groupby("video_id").map_groups(_split_result_of, batch_format="pyarrow")
+    ds = ds.map_batches(_stage_results, batch_format="pyarrow", batch_size=1024, fn_args=(checkpoint.uri,))
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for name in batch.column("_part").drop_null().to_pylist():
+            checkpoint.adopt(name)
+
+
 def run_split(
     config: RecapConfig,
     output: str,
@@ -443,4 +520,5 @@ STAGE = Stage(
     unit="videos",
     rate="frames",
     needs=("videos", "no videos table under {output}/manifest: run `recap ingest` first"),
+    reopen=reopen_results,
 )

@@ -181,11 +181,28 @@ def test_retry_rejected_reprocesses_exactly_the_named_reasons(sample_corpora, tm
     assert [r.skipped for r in results] == [True, True]  # no video was rejected for that reason
     assert [v["reject_reason"] for v in table("videos")] == ["decoder_crash", "decoder_crash"]
 
+    split_kill = faults / "kill-decoder-split_video"
+    split_kill.write_text("quick-cuts")  # probed again fine, then killed while split: rejected by split now
+    try:
+        results = run_pipeline(
+            config, str(out), inputs=inputs, stages=["ingest", "split"], retry_rejected=["decoder_crash"]
+        )
+    finally:
+        split_kill.unlink(missing_ok=True)
+    assert [r.resumed for r in results] == [1, 0]  # three-shots was not probed again, only split again
+    now = {Path(v["uri"]).name: (v["status"], v["reject_reason"]) for v in table("videos")}
+    assert now == {"sample-quick-cuts.mp4": ("rejected", "decoder_crash"), "sample-three-shots.mp4": ("ok", None)}
+    three_shots = {c["clip_id"]: c for c in table("clips")}
+    assert three_shots
+
+    # quick-cuts is split again; three-shots' split result is rebuilt from `clips` by Ray workers, not redone
     results = run_pipeline(
         config, str(out), inputs=inputs, stages=["ingest", "split"], retry_rejected=["decoder_crash"]
     )
-    assert [r.resumed for r in results] == [1, 0]  # three-shots was not probed again, only split again
+    assert [r.resumed for r in results] == [2, 1]
     assert sorted(v["status"] for v in table("videos")) == ["ok", "ok"]
     baseline = ds.dataset(sample_corpora["partial"] / "manifest" / "clips").to_table(columns=["clip_id"])
     assert sorted(c["clip_id"] for c in table("clips")) == sorted(baseline.column(0).to_pylist())
+    rebuilt = {c["clip_id"]: c for c in table("clips") if c["clip_id"] in three_shots}
+    assert rebuilt == three_shots  # the same rows, every column, as split made them
     assert [r for r in table("rejects") if r["reason"] == "decoder_crash"] == []
