@@ -44,6 +44,12 @@ class RayConfig(_Section):
     log_interval_s: float = Field(
         10.0, gt=0, description="seconds between progress lines when output is not a terminal"
     )
+    system_log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning",
+        description="level of Ray's own system logs (this process's core worker; on a local Ray also the raylet, "
+        "GCS and workers), under /tmp/ray/session_*/logs: info adds Ray's periodic event statistics and actor "
+        "notices, for debugging Ray itself. RAY_BACKEND_LOG_LEVEL, when set, wins",
+    )
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -121,6 +121,9 @@ class RaySession:
             # auth stays on, the line stays off the terminal.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+            # Ray's C++ logs at INFO append statistics every minute and a line per actor event: over a long run
+            # that is most of what this process writes (see bench/run.py's driver-bytes figure).
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", self.config.ray.system_log_level)
             if self.address:
                 kwargs["address"] = self.address
             elif self.config.ray.num_cpus:
@@ -393,9 +396,9 @@ class Source:
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         paths = [self.fs._strip_protocol(p) for p in self.paths]
-        ds = ray.data.read_parquet(
-            paths, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=self.schema, columns=self.columns
-        )
+        ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=self.schema)
+        if self.columns is not None:
+            ds = ds.select_columns(self.columns)  # what read_parquet(columns=) now does itself, deprecated
         if self.prepare is not None:
             ds = ds.map_batches(self.prepare, batch_format="pyarrow", batch_size=None)
         return ds
