@@ -184,8 +184,9 @@ def main() -> None:
         "--latent-videos",
         type=int,
         default=6,
-        help="videos (of the 4x corpus) of one more run with latents of a real size (TAEF2 at 256x448, 17 frames) for the driver-bytes "
-        "figure, whose smoke-sized latents (96x128, 5 frames) make metadata look big; 0: skip it",
+        help="videos (of the 4x corpus) of one more run with latents of a real size (TAEF2 at 256x448, 17 "
+        "frames) for the driver-bytes figure, whose smoke-sized latents (96x128, 5 frames) make metadata look big; "
+        "0: skip it",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recap-bench-run-"))

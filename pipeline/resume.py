@@ -322,7 +322,7 @@ def reopen_rejected(
     out: str,
     reasons: list[str],
     config: dict[str, Any],
-    split_results: Callable[[pa.Table, list[str], StageCheckpoint], None] | None = None,
+    split_results: Callable[[pa.Table, list[str], StageCheckpoint], None],
 ) -> dict[str, int]:
     """Make the videos rejected for `reasons` (e.g. decoder_crash) work to do again, and nothing else.
 
@@ -363,8 +363,6 @@ def reopen_rejected(
         seed.append(row)
     _reopen(state, "ingest", pa.Table.from_pylist(seed, schema=VIDEOS_SCHEMA), config)
     if "split" in stages and manifest.table_exists(out, "clips"):
-        if split_results is None:
-            raise ValueError("reopen_rejected: split ran, its results are rebuilt by `split_results`")
         retried = sorted({v["video_id"] for v in videos if v["uri"] in again})
         kept: dict[str, dict[str, Any]] = {}
         for v in videos:

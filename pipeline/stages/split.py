@@ -23,6 +23,7 @@ from pipeline.config import RecapConfig, SplitConfig
 from pipeline.engine import (
     Source,
     Stage,
+    StagedRows,
     StageResult,
     StageRun,
     conform,
@@ -376,13 +377,9 @@ def _split_result_of(group: pa.Table) -> pa.Table:
     row = head.slice(0, 1).drop_columns(["start_frame", "clip_json"]).to_pylist()[0]
     clips = group.filter(pc.is_valid(group.column("clip_json")))
     clips = clips.take(pc.sort_indices(clips, sort_keys=[("start_frame", "ascending")]))
-    row["clips_json"] = "[" + ", ".join(clips.column("clip_json").to_pylist()) + "]" if row["status"] == "ok" else None
+    ok = row["status"] == VideoStatus.OK.value
+    row["clips_json"] = "[" + ", ".join(clips.column("clip_json").to_pylist()) + "]" if ok else None
     return pa.Table.from_pylist([row], schema=SPLIT_RESULT_SCHEMA)
-
-
-def _stage_results(results: pa.Table, work_uri: str) -> pa.Table:
-    name = stage_part(work_uri, results, ("video_id",))
-    return pa.table({"_part": pa.array([name], pa.string())})
 
 
 def reopen_results(output: str, kept: pa.Table, again: list[str], checkpoint: StageCheckpoint) -> None:
@@ -403,9 +400,10 @@ def reopen_results(output: str, kept: pa.Table, again: list[str], checkpoint: St
         parts.append(source.dataset())
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.groupby("video_id").map_groups(_split_result_of, batch_format="pyarrow")
-    ds = ds.map_batches(_stage_results, batch_format="pyarrow", batch_size=1024, fn_args=(checkpoint.uri,))
+    staged = StagedRows(checkpoint.uri, SPLIT_RESULT_SCHEMA, ("video_id",))
+    ds = ds.map_batches(staged, batch_format="pyarrow", batch_size=1024)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for name in batch.column("_part").drop_null().to_pylist():
+        for name in batch.column("part").drop_null().to_pylist():
             checkpoint.adopt(name)
 
 

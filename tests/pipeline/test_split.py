@@ -165,3 +165,41 @@ def test_clips_rebuilt_by_one_task_or_by_ray_data_are_the_same(ray_session, tmp_
     assert tables["one task"][0].equals(tables["ray data"][0]) and tables["one task"][1].equals(tables["ray data"][1])
     assert tables["again"][0].num_rows == 20 and tables["again"][1].num_rows == 8
     assert tables["one task"][1].column("detail")[0].as_py().startswith("scene shorter than split.min_clip_s=1.0")
+
+
+def test_retry_rejected_rebuilds_split_results_as_split_made_them():
+    """`--retry-rejected`'s rebuild (on workers): split's own clip verdicts stay, later stages' are undone, the
+    videos split does again are left out, and a video's clips come back in source order under its result."""
+    import json
+
+    import pyarrow as pa
+
+    from pipeline.schema import CLIPS_SCHEMA
+    from pipeline.stages.split import _REOPEN_SCHEMA, ClipsAsSplitMade, _split_result_of
+
+    def clip(video: str, start: int, reason: str | None) -> dict:
+        row = {name: None for name in CLIPS_SCHEMA.names}
+        row.update(clip_id=f"{video}-{start}", video_id=video, uri=f"/{video}.mp4", start_frame=start)
+        return {**row, "reject_reason": reason, "passed": reason is None, "score_aesthetic": 0.5}
+
+    clips = pa.Table.from_pylist(
+        [
+            clip("a", 40, "aesthetic"),  # the filter's verdict: undone
+            clip("a", 0, "too_short"),  # split's own: kept
+            clip("a", 20, "decode_damaged"),  # split's own: kept
+            clip("b", 0, None),  # b is split again: left out
+        ]
+    )
+    rows = ClipsAsSplitMade(["b"])(clips)
+    assert rows.schema == _REOPEN_SCHEMA and rows.column("video_id").to_pylist() == ["a"] * 3
+    head = {"video_id": "a", "uri": "/a.mp4", "status": "ok", "reject_reason": None, "reject_detail": None}
+    group = pa.concat_tables([pa.Table.from_pylist([{**head, "num_frames": 60}], schema=_REOPEN_SCHEMA), rows])
+    (result,) = _split_result_of(group).to_pylist()
+    made = json.loads(result["clips_json"])
+    assert [(c["start_frame"], c["reject_reason"], c["passed"]) for c in made] == [
+        (0, "too_short", False),
+        (20, "decode_damaged", False),
+        (40, None, True),
+    ]
+    assert all(set(c) == set(CLIPS_SCHEMA.names) for c in made)  # the filter's columns are not split's
+    assert _split_result_of(rows).num_rows == 0  # clips without a result row: a video split does again
